@@ -1,0 +1,166 @@
+"""The FastAPI application: routes, and the objects that live as long as the process.
+
+Generation endpoints go through ``Gateway`` (the P/D request path). Everything else a
+vLLM server answers (``/v1/models``, ``/tokenize``, other ``/v1/*``) is passed through
+to a decode instance unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from starlette.background import BackgroundTask
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from .backends import Registry
+from .errors import ProxyError, error_body
+from .flow import CHAT, COMPLETIONS, DECODE_ONLY, STITCHED, Gateway, read_body
+from .guard import Guard
+from .health import HealthMonitor
+from .metrics import render
+from .routing import RouteContext
+from .settings import Settings
+
+log = logging.getLogger("pdproxy")
+
+# Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus ones httpx sets.
+_HOP_HEADERS = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "authorization",
+}
+
+PASSTHROUGH_PATHS = ("tokenize", "detokenize", "version", "pooling", "classify", "score", "rerank", "invocations")
+
+
+def create_app(settings: Settings, *, monitor: bool = True) -> FastAPI:
+    """The proxy app. ``monitor=False`` (tests) skips the background health checks."""
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry = Registry(settings)
+        gateway = Gateway(settings, registry)
+        canary_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pdproxy")
+        health = HealthMonitor(settings, registry, lambda: _canary(canary_client, registry))
+        app.state.registry, app.state.gateway, app.state.monitor = registry, gateway, health
+        if monitor:
+            health.start()
+        try:
+            yield
+        finally:
+            await health.stop()
+            await gateway.drain_background()
+            await canary_client.aclose()
+            await registry.aclose()
+
+    app = FastAPI(title="pdproxy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(Guard, settings=settings)
+
+    @app.exception_handler(ProxyError)
+    async def _proxy_error(request: Request, error: ProxyError) -> Response:
+        return error.to_response()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await request.app.state.gateway.generate(request, COMPLETIONS)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await request.app.state.gateway.generate(request, CHAT)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready(request: Request) -> Response:
+        monitor: HealthMonitor = request.app.state.monitor
+        registry: Registry = request.app.state.registry
+        problems = []
+        if not registry.prefill.available():
+            problems.append("no healthy prefill instance")
+        if not registry.decode.available():
+            problems.append("no healthy decode instance")
+        if not monitor.ready:
+            problems.append(monitor.canary_error or "no P/D canary has passed yet")
+        if problems:
+            return JSONResponse({"ready": False, "problems": problems}, status_code=503)
+        return JSONResponse({"ready": True})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return await _passthrough(request, "/v1/models")
+
+    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def other_v1(request: Request, rest: str) -> Response:
+        return await _passthrough(request, "/v1/" + rest)
+
+    for name in PASSTHROUGH_PATHS:
+        app.add_api_route(f"/{name}", _make_passthrough(f"/{name}"), methods=["GET", "POST"], include_in_schema=False)
+
+    return app
+
+
+def _make_passthrough(path: str):
+    async def handler(request: Request) -> Response:
+        return await _passthrough(request, path)
+
+    return handler
+
+
+async def _passthrough(request: Request, path: str) -> Response:
+    """Send the request to a decode instance (a prefill one if none) and stream back its answer."""
+    registry: Registry = request.app.state.registry
+    gateway: Gateway = request.app.state.gateway
+    settings = gateway.settings
+    pool = registry.decode if registry.decode.available() else registry.prefill
+    inst = gateway.decode_router.pick(pool.instances, RouteContext())
+    if inst is None:
+        raise ProxyError(503, "no healthy backend instance")
+    body = await read_body(request, settings.max_body_bytes)
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+    if settings.forward_client_auth and not settings.backend_api_key and "authorization" in request.headers:
+        headers["authorization"] = request.headers["authorization"]
+    url = inst.url + path + (f"?{request.url.query}" if request.url.query else "")
+    upstream = pool.client.build_request(request.method, url, content=body, headers=headers)
+    try:
+        response = await pool.client.send(upstream, stream=True)
+    except httpx.HTTPError as exc:
+        return JSONResponse(error_body(502, f"backend {inst.url} failed: {exc}"), status_code=502)
+    out_headers = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_HEADERS and k.lower() != "content-encoding"}
+    return StreamingResponse(
+        response.aiter_raw(),
+        status_code=response.status_code,
+        headers=out_headers,
+        background=BackgroundTask(response.aclose),
+    )
+
+
+async def _canary(client: httpx.AsyncClient, registry: Registry) -> bool:
+    """A two-token greedy generation through the proxy itself, served P/D."""
+    model = None
+    for inst in registry.prefill.available():
+        if inst.max_model_len:
+            model = next(iter(inst.max_model_len))
+            break
+    body = {"prompt": "pdproxy readiness canary", "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    if model:
+        body["model"] = model
+    response = await client.post("/v1/completions", json=body, headers={"x-request-id": "pdproxy-canary"})
+    return response.status_code == 200 and response.headers.get("x-pdproxy-mode") in (STITCHED, DECODE_ONLY)
+

@@ -1,0 +1,216 @@
+"""HTTP calls to one backend: a JSON call, and an SSE stream, each with deadlines.
+
+Every failure becomes a ``ProxyError`` naming the leg and the backend, with a status a
+client can act on: a backend's own 4xx passes through with its message; an unreachable
+backend is 502; a silent one is 504. ``retryable`` tells the caller whether another
+instance may be tried (never for a client's own mistake).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from .backends import Instance
+from .errors import ProxyError, error_body
+from .sse import DONE, SSEParser, SSEProtocolError
+
+MAX_ERROR_BODY = 64 * 1024
+
+
+class LegError(ProxyError):
+    """A ProxyError from a backend call; ``retryable`` when another instance may help."""
+
+    def __init__(self, *args: Any, retryable: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.retryable = retryable
+
+
+def _backend_error(leg: str, inst: Instance, status: int, raw: bytes) -> LegError:
+    """Turn a backend's non-200 answer into the error the client gets."""
+    try:
+        body = json.loads(raw)
+        message = body["error"]["message"] if isinstance(body.get("error"), dict) else body.get("message")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        body, message = None, None
+    if 400 <= status < 500 and status not in (408, 429):
+        # The client's request was refused: pass vLLM's answer through as it is.
+        if not isinstance(body, dict) or "error" not in body:
+            body = error_body(status, message or raw[:512].decode("utf-8", "replace"))
+        return LegError(status, str(message), leg=leg, body=body)
+    text = message or raw[:512].decode("utf-8", "replace") or f"HTTP {status}"
+    return LegError(
+        502 if status != 503 else 503,
+        f"{leg} backend {inst.url} failed with HTTP {status}: {text}",
+        leg=leg,
+        retryable=True,
+    )
+
+
+def _transport_error(leg: str, inst: Instance, exc: Exception, timeout: float | None = None) -> LegError:
+    if isinstance(exc, (TimeoutError, httpx.TimeoutException)) and not isinstance(exc, httpx.ConnectTimeout):
+        limit = f" within {timeout:g}s" if timeout else ""
+        return LegError(504, f"{leg} backend {inst.url} did not answer{limit}", leg=leg, retryable=True)
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return LegError(502, f"{leg} backend {inst.url} is unreachable: {exc}", leg=leg, retryable=True)
+    return LegError(502, f"{leg} backend {inst.url} failed: {type(exc).__name__}: {exc}", leg=leg, retryable=True)
+
+
+async def call_json(
+    client: httpx.AsyncClient,
+    inst: Instance,
+    leg: str,
+    path: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    timeout: float,
+) -> dict[str, Any]:
+    """POST a JSON body and return the backend's JSON answer."""
+    try:
+        async with asyncio.timeout(timeout):
+            response = await client.post(
+                inst.url + path,
+                content=json.dumps(body).encode(),
+                headers={**headers, "content-type": "application/json"},
+            )
+    except (TimeoutError, httpx.HTTPError) as exc:
+        raise _transport_error(leg, inst, exc, timeout) from exc
+    if response.status_code != 200:
+        raise _backend_error(leg, inst, response.status_code, response.content[:MAX_ERROR_BODY])
+    try:
+        answer = response.json()
+    except ValueError as exc:
+        raise LegError(502, f"{leg} backend {inst.url} sent invalid JSON", leg=leg, retryable=True) from exc
+    if not isinstance(answer, dict):
+        raise LegError(502, f"{leg} backend {inst.url} sent an unexpected answer", leg=leg, retryable=True)
+    return answer
+
+
+class EventStream:
+    """An SSE stream from a backend, opened until its first event (or failure).
+
+    ``open`` returns only once the first event is in hand, so a backend that fails
+    before its first byte can still be replaced by another one. Iteration yields each
+    event's data (bytes) and stops at ``[DONE]``; ``done_seen`` tells whether the
+    backend ended the stream properly.
+    """
+
+    def __init__(self, leg: str, inst: Instance, idle_timeout: float, deadline: float) -> None:
+        self.leg = leg
+        self.inst = inst
+        self.idle_timeout = idle_timeout
+        self.deadline = deadline  # loop time by which the whole request must be done
+        self.done_seen = False
+        self._response: httpx.Response | None = None
+        self._raw: AsyncIterator[bytes] | None = None
+        self._parser = SSEParser()
+        self._pending: deque[bytes] = deque()
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        client: httpx.AsyncClient,
+        inst: Instance,
+        leg: str,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        *,
+        first_byte_timeout: float,
+        idle_timeout: float,
+        deadline: float,
+    ) -> "EventStream":
+        stream = cls(leg, inst, idle_timeout, deadline)
+        request = client.build_request(
+            "POST",
+            inst.url + path,
+            content=json.dumps(body).encode(),
+            headers={**headers, "content-type": "application/json", "accept": "text/event-stream"},
+        )
+        try:
+            async with asyncio.timeout(first_byte_timeout):
+                stream._response = await client.send(request, stream=True)
+                if stream._response.status_code != 200:
+                    raw = await stream._read_limited()
+                    raise _backend_error(leg, inst, stream._response.status_code, raw)
+                stream._raw = stream._response.aiter_raw()
+                first = await stream._next_event()
+        except LegError:
+            await stream.aclose()
+            raise
+        except (TimeoutError, httpx.HTTPError, SSEProtocolError) as exc:
+            await stream.aclose()
+            raise _transport_error(leg, inst, exc, first_byte_timeout) from exc
+        except BaseException:
+            await stream.aclose()
+            raise
+        if first is not None:
+            stream._pending.appendleft(first)
+        return stream
+
+    async def _read_limited(self) -> bytes:
+        assert self._response is not None
+        data = bytearray()
+        async for piece in self._response.aiter_raw():
+            data += piece
+            if len(data) >= MAX_ERROR_BODY:
+                break
+        return bytes(data)
+
+    async def _next_event(self) -> bytes | None:
+        """The next event's data, None at the end of the stream (or after [DONE])."""
+        assert self._raw is not None
+        while True:
+            if self._pending:
+                data = self._pending.popleft()
+            else:
+                try:
+                    piece = await self._raw.__anext__()
+                except StopAsyncIteration:
+                    tail = self._parser.close()
+                    if tail is None:
+                        return None
+                    data = tail
+                else:
+                    self._pending.extend(self._parser.feed(piece))
+                    continue
+            if data == DONE:
+                self.done_seen = True
+                return None
+            return data
+
+    async def events(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                wait = min(self.idle_timeout, self.deadline - loop.time())
+                if wait <= 0:
+                    raise LegError(504, f"{self.leg} backend {self.inst.url}: request took too long", leg=self.leg)
+                try:
+                    async with asyncio.timeout(wait):
+                        data = await self._next_event()
+                except TimeoutError as exc:
+                    raise LegError(
+                        504, f"{self.leg} backend {self.inst.url} went silent for {wait:g}s", leg=self.leg
+                    ) from exc
+                except (httpx.HTTPError, SSEProtocolError) as exc:
+                    raise _transport_error(self.leg, self.inst, exc) from exc
+                if data is None:
+                    return
+                yield data
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._response is not None:
+            # Closing the connection mid-stream makes vLLM abort the request.
+            await self._response.aclose()

@@ -1,0 +1,9 @@
+"""The ASGI application object, built from the environment (what uvicorn workers import)."""
+
+from .app import create_app
+from .cli import configure_logging
+from .settings import load_settings
+
+settings = load_settings()
+configure_logging(settings.log_level)
+app = create_app(settings)

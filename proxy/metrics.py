@@ -1,0 +1,138 @@
+"""Prometheus metrics, and the per-request record they (and the access log) are made from.
+
+Conventional names: ``pdproxy_`` prefix, base units (seconds), ``_total`` counters.
+The split of each request's time into proxy overhead, prefill, hand-off wait and decode
+is what no other P/D proxy exposes; it is computed from one ``RequestRecord``.
+
+With several worker processes, prometheus-client's multiprocess mode aggregates them
+(``PROMETHEUS_MULTIPROC_DIR`` is set by the launcher before this module is imported).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+REQUESTS = Counter(
+    "pdproxy_requests", "Requests answered, by endpoint, serving mode and outcome.", ["endpoint", "mode", "outcome"]
+)
+E2E = Histogram(
+    "pdproxy_request_duration_seconds", "Whole request, as the client saw it.", ["endpoint", "mode"], buckets=LATENCY_BUCKETS
+)
+TTFT = Histogram(
+    "pdproxy_time_to_first_token_seconds", "Client time to the first generated text.", ["endpoint", "mode"], buckets=LATENCY_BUCKETS
+)
+ITL = Histogram(
+    "pdproxy_inter_token_seconds", "Gap between streamed chunks sent to clients.", ["endpoint"], buckets=TOKEN_GAP_BUCKETS
+)
+PHASE = Histogram(
+    "pdproxy_phase_seconds",
+    "Each request's time split: proxy (its own work), prefill (P leg), handoff (P's answer "
+    "to D's first byte: KV pull and D's first step), decode (D's first byte to the end).",
+    ["phase"],
+    buckets=LATENCY_BUCKETS,
+)
+IN_FLIGHT = Gauge(
+    "pdproxy_backend_in_flight", "Requests open on a backend.", ["backend", "role"], multiprocess_mode="livesum"
+)
+BACKEND_ERRORS = Counter("pdproxy_backend_errors", "Backend failures (never a client's 4xx).", ["backend", "leg"])
+EJECTIONS = Counter("pdproxy_backend_ejections", "Times a backend was taken out of rotation.", ["backend"])
+RETRIES = Counter("pdproxy_retries", "Legs moved to another backend after a failure.", ["leg"])
+FALLBACKS = Counter("pdproxy_fallbacks", "Requests not served stitched, by reason.", ["reason"])
+KV_RELEASES = Counter("pdproxy_kv_releases", "Explicit releases of P's held KV, by outcome.", ["outcome"])
+HEALTHY = Gauge("pdproxy_backend_healthy", "1 when the backend passes health checks.", ["backend", "role"], multiprocess_mode="max")
+
+access_log = logging.getLogger("pdproxy.access")
+
+
+def render() -> bytes:
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()
+
+
+@dataclass
+class RequestRecord:
+    """Timestamps (time.perf_counter) and choices of one request."""
+
+    request_id: str
+    endpoint: str
+    started: float = field(default_factory=time.perf_counter)
+    mode: str = "none"
+    outcome: str = "ok"
+    status: int = 200
+    prefill_url: str | None = None
+    decode_url: str | None = None
+    prefill_start: float | None = None
+    prefill_end: float | None = None
+    decode_start: float | None = None
+    decode_first_byte: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    retries: int = 0
+    fallback: str | None = None
+    error: str | None = None
+    completion_tokens: int | None = None
+
+    def phases(self) -> dict[str, float]:
+        end = self.finished or time.perf_counter()
+        total = end - self.started
+        prefill = (self.prefill_end - self.prefill_start) if self.prefill_start and self.prefill_end else 0.0
+        handoff = (self.decode_first_byte - self.prefill_end) if self.prefill_end and self.decode_first_byte else 0.0
+        decode = (end - self.decode_first_byte) if self.decode_first_byte else 0.0
+        if not self.prefill_start and self.decode_start and self.decode_first_byte:
+            handoff = self.decode_first_byte - self.decode_start  # colocated: queue + prefill
+        return {
+            "proxy": max(total - prefill - handoff - decode, 0.0),
+            "prefill": prefill,
+            "handoff": handoff,
+            "decode": decode,
+            "total": total,
+        }
+
+    def finish(self) -> None:
+        self.finished = time.perf_counter()
+        phases = self.phases()
+        REQUESTS.labels(self.endpoint, self.mode, self.outcome).inc()
+        E2E.labels(self.endpoint, self.mode).observe(phases["total"])
+        if self.first_token is not None:
+            TTFT.labels(self.endpoint, self.mode).observe(self.first_token - self.started)
+        if self.outcome == "ok":
+            for phase in ("proxy", "prefill", "handoff", "decode"):
+                PHASE.labels(phase).observe(phases[phase])
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(json.dumps(self.log_fields(phases), separators=(",", ":")))
+
+    def log_fields(self, phases: dict[str, float]) -> dict[str, object]:
+        fields: dict[str, object] = {
+            "request_id": self.request_id,
+            "endpoint": self.endpoint,
+            "mode": self.mode,
+            "status": self.status,
+            "outcome": self.outcome,
+            "prefill": self.prefill_url,
+            "decode": self.decode_url,
+            "ms": {k: round(v * 1000, 2) for k, v in phases.items()},
+        }
+        if self.first_token is not None:
+            fields["ttft_ms"] = round((self.first_token - self.started) * 1000, 2)
+        if self.retries:
+            fields["retries"] = self.retries
+        if self.fallback:
+            fields["fallback"] = self.fallback
+        if self.completion_tokens is not None:
+            fields["completion_tokens"] = self.completion_tokens
+        if self.error:
+            fields["error"] = self.error
+        return fields
