@@ -16,11 +16,13 @@ from fastapi import FastAPI, Request
 from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from . import admin
 from .backends import Registry
 from .errors import ProxyError, error_body
 from .flow import CHAT, COMPLETIONS, DECODE_ONLY, STITCHED, Gateway, read_body
 from .guard import Guard
 from .health import HealthMonitor
+from .membership import Membership
 from .metrics import render
 from .routing import RouteContext
 from .settings import Settings
@@ -53,12 +55,18 @@ def create_app(settings: Settings, *, monitor: bool = True) -> FastAPI:
         gateway = Gateway(settings, registry)
         canary_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pdproxy")
         health = HealthMonitor(settings, registry, lambda: _canary(canary_client, registry))
+        membership = Membership(settings, registry)
         app.state.registry, app.state.gateway, app.state.monitor = registry, gateway, health
+        app.state.membership = membership
+        if settings.discovery_interval:
+            await membership.refresh()
+        membership.start()
         if monitor:
             health.start()
         try:
             yield
         finally:
+            await membership.stop()
             await health.stop()
             await gateway.drain_background()
             await canary_client.aclose()
@@ -66,6 +74,7 @@ def create_app(settings: Settings, *, monitor: bool = True) -> FastAPI:
 
     app = FastAPI(title="pdproxy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(Guard, settings=settings)
+    app.include_router(admin.router)
 
     @app.exception_handler(ProxyError)
     async def _proxy_error(request: Request, error: ProxyError) -> Response:

@@ -463,6 +463,12 @@ class Gateway:
         usage = answer.get("usage") or {}
         record.completion_tokens = usage.get("completion_tokens")
         record.finish()
+        # Where the time went, for clients that want it (browsers' devtools show it too).
+        phases = record.phases()
+        headers = {
+            **headers,
+            "server-timing": ", ".join(f"{name};dur={phases[name] * 1000:.2f}" for name in ("prefill", "handoff", "decode", "proxy")),
+        }
         if plan.stream and not already_final:
             events = as_stream(plan, answer) + [DONE_EVENT]
             return StreamingResponse(iter(events), media_type="text/event-stream", headers=headers)

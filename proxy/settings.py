@@ -41,7 +41,7 @@ def _split_csv(value: object) -> object:
     return value
 
 
-def _check_base_url(url: str) -> str:
+def check_base_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{url!r} is not an http(s) base URL")
@@ -244,7 +244,7 @@ class Settings(BaseSettings):
     def _check_urls(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("at least one URL is required")
-        checked = [_check_base_url(url) for url in value]
+        checked = [check_base_url(url) for url in value]
         if len(set(checked)) != len(checked):
             raise ValueError("a URL is listed twice")
         return checked
@@ -321,7 +321,28 @@ def _wrap(text: str, width: int = 88) -> list[str]:
     return textwrap.wrap(text, width) or [""]
 
 
+README_BEGIN, README_END = "<!-- settings-table:begin -->", "<!-- settings-table:end -->"
+
+
+def readme_with_table(readme: str) -> str:
+    """The README with its settings table regenerated between the markers."""
+    head, rest = readme.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_BEGIN}\n{markdown_table()}{README_END}{tail}"
+
+
 if __name__ == "__main__":
     import sys
+    from pathlib import Path
 
-    print(markdown_table() if sys.argv[1:] == ["markdown"] else env_file(), end="")
+    command = sys.argv[1] if len(sys.argv) > 1 else "env"
+    if command == "markdown":
+        print(markdown_table(), end="")
+    elif command == "write":  # regenerate README.md's table and config/pdproxy.env in place
+        root = Path(__file__).resolve().parent.parent
+        readme = root / "README.md"
+        readme.write_text(readme_with_table(readme.read_text()))
+        (root / "config").mkdir(exist_ok=True)
+        (root / "config" / "pdproxy.env").write_text(env_file())
+    else:
+        print(env_file(), end="")

@@ -50,3 +50,43 @@ def pd_server(name: str, model_dir: Path, log_dir: Path, **extra_config) -> serv
         kv_transfer_config=servers.pd_connector_config(**config),
         cpu_core=next(_core),
     )
+
+
+class Cluster:
+    """The shared servers: a plain reference vLLM, two P/D-capable vLLMs of each role."""
+
+    def __init__(self, model_dir: Path, log_dir: Path) -> None:
+        self.ref = servers.vllm_server("ref", model_dir, log_dir, cpu_core=0)
+        self.p1 = pd_server("p1", model_dir, log_dir)
+        self.d1 = pd_server("d1", model_dir, log_dir)
+        self.p2 = pd_server("p2", model_dir, log_dir)
+        self.d2 = pd_server("d2", model_dir, log_dir)
+        self.all = [self.ref, self.p1, self.d1, self.p2, self.d2]
+        self.proxies: list[servers.Process] = []
+        self.log_dir = log_dir
+
+    def proxy(self, name: str, prefill: list[servers.Process], decode: list[servers.Process], **env: str) -> servers.Process:
+        proc = servers.proxy_server(
+            name,
+            self.log_dir,
+            prefill_urls=[p.url for p in prefill],
+            decode_urls=[d.url for d in decode],
+            extra_env={"PDPROXY_HEALTH_INTERVAL": "1", "PDPROXY_LOG_LEVEL": "info", **env},
+        )
+        proc.start().wait_ready(60)
+        self.proxies.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.proxies + self.all:
+            proc.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(model_dir: Path, log_dir: Path):
+    c = Cluster(model_dir, log_dir)
+    servers.start_all(c.all)
+    try:
+        yield c
+    finally:
+        c.stop()

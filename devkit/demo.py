@@ -1,0 +1,128 @@
+"""``make demo``: P/D disaggregation end to end on this machine, no GPU needed.
+
+Builds the tiny model, starts a prefill and a decode vLLM CPU server with the
+PDConnector and the proxy in front of them, sends one chat request through the OpenAI
+SDK (streamed, as a chat UI would), prints the answer and where the time went, and
+shuts everything down. The same steps with a real model on GPUs are in the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from . import servers, tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _stats(control_port: int) -> dict:
+    try:
+        return httpx.get(f"http://127.0.0.1:{control_port}/pd/stats", timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def _total(tree: object, key: str) -> float:
+    if isinstance(tree, dict):
+        return sum((v if k == key and isinstance(v, (int, float)) else _total(v, key)) for k, v in tree.items())
+    if isinstance(tree, list):
+        return sum(_total(v, key) for v in tree)
+    return 0.0
+
+
+def _phase_sums(proxy_url: str) -> dict[str, float]:
+    sums = {}
+    for line in httpx.get(proxy_url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("pdproxy_phase_seconds_sum{"):
+            phase = line.split('phase="')[1].split('"')[0]
+            sums[phase] = float(line.rsplit(" ", 1)[1])
+    return sums
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", default=str(REPO / ".cache" / "tiny-llama"))
+    parser.add_argument("--prompt", default="Tell me about the river and the old mill.")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    args = parser.parse_args()
+
+    from openai import OpenAI
+
+    print("== building the tiny model (random weights, byte-level BPE) ...", flush=True)
+    model_dir = tiny_model.build(args.model_dir)
+    log_dir = Path(tempfile.mkdtemp(prefix="pdproxy-demo-"))
+    ports = {name: servers.free_port() for name in ("p_zmq", "p_ctl", "d_zmq", "d_ctl")}
+    prefill = servers.vllm_server(
+        "prefill", model_dir, log_dir, cpu_core=0,
+        kv_transfer_config=servers.pd_connector_config(host="127.0.0.1", zmq_port=ports["p_zmq"], control_port=ports["p_ctl"]),
+    )
+    decode = servers.vllm_server(
+        "decode", model_dir, log_dir, cpu_core=1,
+        kv_transfer_config=servers.pd_connector_config(host="127.0.0.1", zmq_port=ports["d_zmq"], control_port=ports["d_ctl"]),
+    )
+    started: list[servers.Process] = []
+    try:
+        print(f"== starting a prefill and a decode vLLM CPU server with the PDConnector (logs: {log_dir}); about 2 minutes ...", flush=True)
+        started += servers.start_all([prefill, decode])
+        proxy = servers.proxy_server("proxy", log_dir, prefill_urls=[prefill.url], decode_urls=[decode.url])
+        started.append(proxy.start().wait_ready(60))
+        print(f"== prefill {prefill.url}   decode {decode.url}   proxy {proxy.url}\n", flush=True)
+
+        client = OpenAI(base_url=proxy.url + "/v1", api_key="unused")
+        before_p, before_d = _stats(ports["p_ctl"]), _stats(ports["d_ctl"])
+        before_phases = _phase_sums(proxy.url)
+        print(f"user> {args.prompt}\nassistant> ", end="", flush=True)
+        t0 = time.perf_counter()
+        first_token_at = None
+        pieces = []
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny",
+            messages=[{"role": "user", "content": args.prompt}],
+            max_tokens=args.max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        usage = None
+        for chunk in raw.parse():
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    first_token_at = first_token_at or time.perf_counter()
+                    pieces.append(choice.delta.content)
+                    print(choice.delta.content, end="", flush=True)
+        total = time.perf_counter() - t0
+        print("\n")
+        after_phases = _phase_sums(proxy.url)
+        after_p, after_d = _stats(ports["p_ctl"]), _stats(ports["d_ctl"])
+        phases = {k: (after_phases.get(k, 0.0) - before_phases.get(k, 0.0)) * 1000 for k in ("prefill", "handoff", "decode", "proxy")}
+        moved = _total(after_d, "bytes_received") - _total(before_d, "bytes_received")
+        transfer_s = _total(after_d, "transfer_seconds") - _total(before_d, "transfer_seconds")
+        print("== where the time went")
+        print(f"   served as       {raw.headers.get('x-pdproxy-mode')}" + (f" ({raw.headers['x-pdproxy-fallback']})" if raw.headers.get("x-pdproxy-fallback") else ""))
+        print(f"   prefill (P)     {phases['prefill']:8.1f} ms   prompt of {usage.prompt_tokens if usage else '?'} tokens, first token")
+        print(f"   KV transfer     {transfer_s * 1000:8.1f} ms   {moved / 1024:.1f} KiB pulled by D from P over ZeroMQ")
+        print(f"   hand-off        {phases['handoff']:8.1f} ms   P's answer to D's first byte (transfer + D's first step)")
+        print(f"   decode (D)      {phases['decode']:8.1f} ms   {usage.completion_tokens if usage else '?'} tokens in all")
+        print(f"   proxy itself    {phases['proxy']:8.1f} ms")
+        print(f"   client TTFT     {((first_token_at or t0) - t0) * 1000:8.1f} ms, total {total * 1000:.1f} ms")
+        if os.environ.get("PDPROXY_DEMO_JSON"):
+            print(json.dumps({"phases_ms": phases, "kv_bytes": moved, "text": "".join(pieces)}))
+        return 0
+    finally:
+        print("\n== shutting down", flush=True)
+        for proc in reversed(started or [prefill, decode]):
+            proc.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
