@@ -39,6 +39,7 @@ from .sse import DONE_EVENT
 from .stitch import (
     PrefillResult,
     as_stream,
+    load_event,
     fix_decode_answer,
     make_writer,
     merge_stitched,
@@ -439,6 +440,7 @@ class Gateway:
         try:
             try:
                 async for data in stream.events():
+                    load_event(data)  # a malformed event becomes a clean error event
                     record.first_token = record.first_token or time.perf_counter()
                     yield b"data: " + data + b"\n\n"
                 if not stream.done_seen:

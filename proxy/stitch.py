@@ -111,6 +111,20 @@ def merged_usage(p: PrefillResult, decode_usage: dict[str, Any] | None, extra_to
     return usage
 
 
+def load_event(data: bytes, leg: str = "decode") -> dict[str, Any]:
+    """Parse one backend stream event; a malformed one or an error event raises ProxyError."""
+    try:
+        chunk = json.loads(data)
+    except ValueError as exc:
+        raise ProxyError(502, f"{leg} backend sent an invalid stream event", leg=leg) from exc
+    if not isinstance(chunk, dict):
+        raise ProxyError(502, f"{leg} backend sent an unexpected stream event", leg=leg)
+    if "error" in chunk and "choices" not in chunk:
+        error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+        raise ProxyError(502, f"{leg} backend failed mid-stream: {error.get('message')}", leg=leg, body=chunk)
+    return chunk
+
+
 def _is_usage_chunk(chunk: dict[str, Any]) -> bool:
     return not chunk.get("choices") and chunk.get("usage") is not None
 
@@ -138,16 +152,7 @@ class _Writer:
         self.finish_reason: str | None = None
 
     def _load(self, data: bytes) -> dict[str, Any]:
-        try:
-            chunk = json.loads(data)
-        except ValueError as exc:
-            raise ProxyError(502, "decode backend sent an invalid stream event", leg="decode") from exc
-        if not isinstance(chunk, dict):
-            raise ProxyError(502, "decode backend sent an unexpected stream event", leg="decode")
-        if "error" in chunk and "choices" not in chunk:
-            error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-            raise ProxyError(502, f"decode backend failed mid-stream: {error.get('message')}", leg="decode", body=chunk)
-        return chunk
+        return load_event(data)
 
     def _usage_for_client(self) -> dict[str, Any]:
         return merged_usage(self.p, self.decode_usage, self.extra_tokens)
@@ -309,9 +314,9 @@ class DecodeRelay(_Writer):
         return []
 
     def rewrite(self, data: bytes) -> bytes | None:
-        if b'"usage"' not in data and b'"error"' not in data:
+        chunk = self._load(data)  # a malformed event must become a clean error, not pass on
+        if chunk.get("usage") is None:
             return event(data)  # the common chunk: relayed byte for byte
-        chunk = self._load(data)
         if _is_usage_chunk(chunk):
             self.decode_usage = chunk["usage"]
             if not self.plan.include_usage:
