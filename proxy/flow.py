@@ -138,6 +138,10 @@ class Gateway:
                 if self.settings.no_prefill_policy == PoolDownPolicy.fail:
                     raise ProxyError(503, "no healthy prefill instance", leg="prefill")
                 return await self._colocated(request, plan, record, headers, backend_headers, "no prefill instance", deadline)
+            if not self.registry.decode.available():
+                if self.settings.no_decode_policy == PoolDownPolicy.fail:
+                    raise ProxyError(503, "no healthy decode instance", leg="decode")
+                return await self._colocated(request, plan, record, headers, backend_headers, "no decode instance", deadline)
 
             p, p_inst = await until_disconnect(request, self._prefill(plan, record, backend_headers))
             mode, reason = self._choose_mode(plan, p, p_inst)
@@ -154,9 +158,6 @@ class Gateway:
                 record.first_token = time.perf_counter()
                 return self._whole_answer(plan, answer, headers, record)
 
-            if not self.registry.decode.available() and self.settings.no_decode_policy == PoolDownPolicy.fail:
-                self._release_kv(p)
-                raise ProxyError(503, "no healthy decode instance", leg="decode")
             if plan.stream:
                 opened = None
                 if mode == DECODE_ONLY:
@@ -239,7 +240,10 @@ class Gateway:
         return PATHS[plan.kind], decode_body(plan, p.kv_params)
 
     def _decode_pool(self) -> Pool:
-        """The decode pool, or the prefill pool when no decode instance is healthy."""
+        """The decode pool, or the prefill pool when no decode instance is healthy.
+
+        The pool-down policy is applied before P is called; this covers decode
+        instances that die while a request is between its legs."""
         if self.registry.decode.available() or self.settings.no_decode_policy == PoolDownPolicy.fail:
             return self.registry.decode
         return self.registry.prefill
@@ -255,6 +259,7 @@ class Gateway:
                 lambda pool, inst: call_json(
                     pool.client, inst, DECODE, path, body, headers, max(deadline - asyncio.get_running_loop().time(), 0.001)
                 ),
+                plan.estimated_tokens,
             )
             released = True  # D pulled (or failed to and recomputed): P's lease is settled
         finally:
@@ -266,7 +271,7 @@ class Gateway:
             return merge_stitched(plan, p, raw)
         return fix_decode_answer(plan, p, raw)
 
-    async def _with_decode_retries(self, record: RequestRecord, call: Any) -> Any:
+    async def _with_decode_retries(self, record: RequestRecord, call: Any, tokens: int = 0) -> Any:
         ctx = RouteContext()
         last_error: LegError | None = None
         for attempt in range(self.settings.decode_attempts):
@@ -281,7 +286,7 @@ class Gateway:
             record.decode_url = inst.url
             record.decode_start = record.decode_start or time.perf_counter()
             try:
-                with self._occupy(inst, DECODE, 0):
+                with self._occupy(inst, DECODE, tokens):
                     result = await call(pool, inst)
             except LegError as error:
                 if not error.retryable:
@@ -313,7 +318,7 @@ class Gateway:
             )
             return stream, inst
 
-        result = await self._with_decode_retries(record, open_on)
+        result = await self._with_decode_retries(record, open_on, plan.estimated_tokens)
         record.decode_first_byte = time.perf_counter()
         return result
 
@@ -355,7 +360,7 @@ class Gateway:
                 stream, inst = await opening
                 record.decode_first_byte = record.decode_first_byte or time.perf_counter()
                 IN_FLIGHT.labels(inst.url, DECODE).inc()
-                inst.acquire(0)
+                inst.acquire(plan.estimated_tokens)
                 last = time.perf_counter()
                 async for data in stream.events():
                     out = writer.rewrite(data)
@@ -389,7 +394,7 @@ class Gateway:
             else:
                 await stream.aclose()
             if inst is not None:
-                inst.release(0)
+                inst.release(plan.estimated_tokens)
                 IN_FLIGHT.labels(inst.url, DECODE).dec()
             record.completion_tokens = writer.completion_tokens_seen
             record.finish()
@@ -432,11 +437,13 @@ class Gateway:
 
         stream, inst = await until_disconnect(request, self._with_decode_retries(record, open_on))
         record.decode_first_byte = time.perf_counter()
-        return StreamingResponse(self._relay(stream, inst, record), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(
+            self._relay(stream, inst, record, plan.estimated_tokens), media_type="text/event-stream", headers=headers
+        )
 
-    async def _relay(self, stream: EventStream, inst: Instance, record: RequestRecord) -> AsyncIterator[bytes]:
-        """A backend's stream passed through as it is."""
-        inst.acquire(0)
+    async def _relay(self, stream: EventStream, inst: Instance, record: RequestRecord, tokens: int) -> AsyncIterator[bytes]:
+        """A backend's stream passed through as it is (each event checked to be sound)."""
+        inst.acquire(tokens)
         try:
             try:
                 async for data in stream.events():
@@ -454,7 +461,7 @@ class Gateway:
             raise
         finally:
             await stream.aclose()
-            inst.release(0)
+            inst.release(tokens)
             record.finish()
 
     # --- small helpers --------------------------------------------------------------
