@@ -146,7 +146,8 @@ async def _passthrough(request: Request, path: str) -> Response:
     if settings.forward_client_auth and not settings.backend_api_key and "authorization" in request.headers:
         headers["authorization"] = request.headers["authorization"]
     url = inst.url + path + (f"?{request.url.query}" if request.url.query else "")
-    upstream = pool.client.build_request(request.method, url, content=body, headers=headers)
+    timeout = httpx.Timeout(settings.connect_timeout, read=settings.idle_timeout)
+    upstream = pool.client.build_request(request.method, url, content=body, headers=headers, timeout=timeout)
     try:
         response = await pool.client.send(upstream, stream=True)
     except httpx.HTTPError as exc:

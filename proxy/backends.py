@@ -74,10 +74,11 @@ class Pool:
 
 
 def make_client(settings: Settings, role: str) -> httpx.AsyncClient:
-    # Per-leg read deadlines are set per request; these are the pool-wide defaults.
+    # Reads have no client-wide deadline: each leg bounds its own waits (prefill as a
+    # whole, D's first byte, the gap between chunks, the whole request) in legs.py.
     timeout = httpx.Timeout(
         connect=settings.connect_timeout,
-        read=settings.idle_timeout,
+        read=None,
         write=settings.idle_timeout,
         pool=settings.connect_timeout,
     )

@@ -24,14 +24,16 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
+import anyio
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from . import health
 from .backends import DECODE, PREFILL, Instance, Pool, Registry
 from .errors import ProxyError, stream_error_event
 from .legs import EventStream, LegError, call_json
 from .metrics import FALLBACKS, IN_FLIGHT, KV_RELEASES, RETRIES, ITL, RequestRecord
+from .responses import EventStreamResponse
 from .plan import CHAT, COMPLETIONS, Plan, decode_body, plan_request, prefill_body, stitched_body, straddles_stop
 from .routing import RouteContext, make_router
 from .settings import PoolDownPolicy, Settings
@@ -167,7 +169,7 @@ class Gateway:
                         request, self._open_decode_stream_or_release(plan, p, mode, record, backend_headers, deadline)
                     )
                 stream = self._stream_decode(plan, p, mode, record, backend_headers, deadline, opened)
-                return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+                return EventStreamResponse(stream, media_type="text/event-stream", headers=headers)
             answer = await until_disconnect(request, self._decode_whole(plan, p, mode, record, backend_headers, deadline))
             return self._whole_answer(plan, answer, headers, record)
         except ProxyError as error:
@@ -357,7 +359,10 @@ class Gateway:
                 for chunk in writer.opening():
                     record.first_token = record.first_token or time.perf_counter()
                     yield chunk
-                stream, inst = await opening
+                # Shielded: a client leaving cancels this generator over and over (anyio),
+                # which must not reach into the opening request's own clean-up; the
+                # finally below cancels it exactly once.
+                stream, inst = await asyncio.shield(opening)
                 record.decode_first_byte = record.decode_first_byte or time.perf_counter()
                 IN_FLIGHT.labels(inst.url, DECODE).inc()
                 inst.acquire(plan.estimated_tokens)
@@ -390,9 +395,11 @@ class Gateway:
             if stream is None:
                 # D never started: cancel its opening, and free P's KV now, not at lease expiry.
                 opening.cancel()
+                opening.add_done_callback(_consume_result)
                 self._release_kv(p)
             else:
-                await stream.aclose()
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()  # closing the connection makes vLLM abort D's request
             if inst is not None:
                 inst.release(plan.estimated_tokens)
                 IN_FLIGHT.labels(inst.url, DECODE).dec()
@@ -437,7 +444,7 @@ class Gateway:
 
         stream, inst = await until_disconnect(request, self._with_decode_retries(record, open_on))
         record.decode_first_byte = time.perf_counter()
-        return StreamingResponse(
+        return EventStreamResponse(
             self._relay(stream, inst, record, plan.estimated_tokens), media_type="text/event-stream", headers=headers
         )
 
@@ -460,7 +467,8 @@ class Gateway:
             record.outcome, record.status = "client_gone", 499
             raise
         finally:
-            await stream.aclose()
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
             inst.release(tokens)
             record.finish()
 
@@ -480,7 +488,7 @@ class Gateway:
         }
         if plan.stream and not already_final:
             events = as_stream(plan, answer) + [DONE_EVENT]
-            return StreamingResponse(iter(events), media_type="text/event-stream", headers=headers)
+            return EventStreamResponse(iter(events), media_type="text/event-stream", headers=headers)
         return JSONResponse(answer, headers=headers)
 
     def _error_response(self, error: ProxyError, record: RequestRecord, headers: dict[str, str]) -> Response:
@@ -552,3 +560,11 @@ class _Occupied:
 
 def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _consume_result(task: "asyncio.Future[tuple[EventStream, Instance]]") -> None:
+    """Settle an abandoned decode opening: close its stream if it won the race."""
+    if task.cancelled() or task.exception() is not None:
+        return  # (retrieving the exception keeps asyncio from logging it)
+    stream, _ = task.result()
+    asyncio.ensure_future(stream.aclose())

@@ -1,0 +1,35 @@
+"""A streaming response that notices a client leaving even while nothing is being sent.
+
+Starlette's ``StreamingResponse`` stops listening for ``http.disconnect`` on servers that
+speak ASGI 2.4 and relies on the next ``send`` failing instead. A P/D stream often sends
+nothing for a while (between P's token and D's first byte, or while D is slow), and a
+client that leaves then must cancel D and free P's KV at once. So this one always
+listens, and cancels the body's generator the moment the client is gone.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+
+class EventStreamResponse(StreamingResponse):
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def run_then_cancel(func) -> None:
+                try:
+                    await func()
+                except OSError:
+                    pass  # the client went away mid-send
+                group.cancel_scope.cancel()
+
+            group.start_soon(run_then_cancel, partial(self.stream_response, send))
+            await run_then_cancel(partial(self.listen_for_disconnect, receive))
+        if self.background is not None:
+            await self.background()
