@@ -24,6 +24,7 @@ from .guard import Guard
 from .health import HealthMonitor
 from .membership import Membership
 from .metrics import render
+from .openapi import CHAT_REQUEST, COMPLETION_REQUEST, request_body
 from .routing import RouteContext
 from .settings import Settings
 
@@ -80,11 +81,11 @@ def create_app(settings: Settings, *, monitor: bool = True) -> FastAPI:
     async def _proxy_error(request: Request, error: ProxyError) -> Response:
         return error.to_response()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body(COMPLETION_REQUEST))
     async def completions(request: Request) -> Response:
         return await request.app.state.gateway.generate(request, COMPLETIONS)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(CHAT_REQUEST))
     async def chat_completions(request: Request) -> Response:
         return await request.app.state.gateway.generate(request, CHAT)
 
@@ -115,7 +116,7 @@ def create_app(settings: Settings, *, monitor: bool = True) -> FastAPI:
     async def models(request: Request) -> Response:
         return await _passthrough(request, "/v1/models")
 
-    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def other_v1(request: Request, rest: str) -> Response:
         return await _passthrough(request, "/v1/" + rest)
 
