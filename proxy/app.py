@@ -19,7 +19,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from . import admin
 from .backends import Registry
 from .errors import ProxyError, error_body
-from .flow import CHAT, COMPLETIONS, DECODE_ONLY, STITCHED, Gateway, read_body
+from .dispatch import STITCHED
+from .flow import DECODE_ONLY, Gateway, read_body
+from .plan import CHAT, COMPLETIONS
 from .guard import Guard
 from .health import HealthMonitor
 from .membership import Membership
@@ -27,6 +29,7 @@ from .metrics import render
 from .openapi import CHAT_REQUEST, COMPLETION_REQUEST, request_body
 from .routing import RouteContext
 from .settings import Settings
+from .tracing import Tracing
 
 log = logging.getLogger("pdproxy")
 
@@ -48,12 +51,14 @@ _HOP_HEADERS = {
 PASSTHROUGH_PATHS = ("tokenize", "detokenize", "version", "pooling", "classify", "score", "rerank", "invocations")
 
 
-def create_app(settings: Settings, *, monitor: bool = True) -> FastAPI:
-    """The proxy app. ``monitor=False`` (tests) skips the background health checks."""
+def create_app(settings: Settings, *, monitor: bool = True, tracing: Tracing | None = None) -> FastAPI:
+    """The proxy app. ``monitor=False`` (tests) skips the background health checks;
+    ``tracing`` replaces the one built from the settings (tests pass an in-memory one)."""
+    tracing = tracing or Tracing(settings.otel_endpoint)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = Registry(settings)
-        gateway = Gateway(settings, registry)
+        gateway = Gateway(settings, registry, tracing)
         canary_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pdproxy")
         health = HealthMonitor(settings, registry, lambda: _canary(canary_client, registry))
         membership = Membership(settings, registry)
@@ -69,7 +74,8 @@ def create_app(settings: Settings, *, monitor: bool = True) -> FastAPI:
         finally:
             await membership.stop()
             await health.stop()
-            await gateway.drain_background()
+            await gateway.dispatch.drain()
+            tracing.shutdown()
             await canary_client.aclose()
             await registry.aclose()
 
@@ -139,7 +145,7 @@ async def _passthrough(request: Request, path: str) -> Response:
     gateway: Gateway = request.app.state.gateway
     settings = gateway.settings
     pool = registry.decode if registry.decode.available() else registry.prefill
-    inst = gateway.decode_router.pick(pool.instances, RouteContext())
+    inst = gateway.dispatch.decode_router.pick(pool.instances, RouteContext())
     if inst is None:
         raise ProxyError(503, "no healthy backend instance")
     body = await read_body(request, settings.max_body_bytes)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 
+from .tracing import DISABLED, RequestTrace
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -84,6 +86,7 @@ class RequestRecord:
     fallback: str | None = None
     error: str | None = None
     completion_tokens: int | None = None
+    trace: RequestTrace = DISABLED
 
     def phases(self) -> dict[str, float]:
         end = self.finished or time.perf_counter()
@@ -103,6 +106,7 @@ class RequestRecord:
 
     def finish(self) -> None:
         self.finished = time.perf_counter()
+        self.trace.finish(self.status, self.mode)
         phases = self.phases()
         REQUESTS.labels(self.endpoint, self.mode, self.outcome).inc()
         E2E.labels(self.endpoint, self.mode).observe(phases["total"])

@@ -20,16 +20,20 @@ class EventStreamResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
+        try:
+            async with anyio.create_task_group() as group:
 
-            async def run_then_cancel(func) -> None:
-                try:
-                    await func()
-                except OSError:
-                    pass  # the client went away mid-send
-                group.cancel_scope.cancel()
+                async def run_then_cancel(func) -> None:
+                    try:
+                        await func()
+                    except OSError:
+                        pass  # the client went away mid-send
+                    group.cancel_scope.cancel()
 
-            group.start_soon(run_then_cancel, partial(self.stream_response, send))
-            await run_then_cancel(partial(self.listen_for_disconnect, receive))
-        if self.background is not None:
-            await self.background()
+                group.start_soon(run_then_cancel, partial(self.stream_response, send))
+                await run_then_cancel(partial(self.listen_for_disconnect, receive))
+        finally:
+            if self.background is not None:
+                # Always, even when the client left before the body ever started.
+                with anyio.CancelScope(shield=True):
+                    await self.background()

@@ -32,14 +32,14 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def harness(prefill=("p1",), decode=("d1",), **overrides: Any) -> AsyncIterator[Harness]:
+async def harness(prefill=("p1",), decode=("d1",), tracing=None, **overrides: Any) -> AsyncIterator[Harness]:
     settings = Settings(
         prefill_urls=[f"http://{name}" for name in prefill],
         decode_urls=[f"http://{name}" for name in decode],
         **overrides,
     )
     backends = {name: FakeVLLM(name) for name in {*prefill, *decode}}
-    app = create_app(settings, monitor=False)
+    app = create_app(settings, monitor=False, tracing=tracing)
     with respx.mock(assert_all_called=False) as mock:
         for name, fake in backends.items():
             mock.post(url__startswith=f"http://{name}/v1/").mock(side_effect=fake.handler)

@@ -42,7 +42,8 @@ def test_disconnect_between_prefill_and_decode_releases_the_kv(engines, stream):
         body = dict(COMPLETION, stream=stream)
         if stream:
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=10) as response:
-                first = next(response.iter_lines())  # P's token, stitched
+                lines = response.iter_lines()  # kept: dropping it closes the connection
+                first = next(lines)  # P's token, stitched
                 assert json.loads(first[6:])["choices"][0]["text"]
                 assert wait_for(lambda: d.stats()["requests"] == 1), d.stats()  # D has it, and is slow
         else:
@@ -63,6 +64,7 @@ def test_disconnect_during_the_decode_stream(engines):
             lines = response.iter_lines()
             for _ in range(3):
                 next(lines)
+            del lines
         assert wait_for(lambda: d.stats()["client_gone"] == 1), d.stats()
         assert d.stats()["completed"] == 0
         assert p.stats()["kv_pulled"] == 1 and p.stats()["kv_held"] == 0
