@@ -9,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pdproxy-installed
 
-.PHONY: demo test test-unit bench venv clean
+.PHONY: demo test test-unit bench soak venv clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,9 @@ test-unit: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+soak: $(STAMP)
+	$(PY) -m bench.soak --out bench/results/soak.json
 
 clean:
 	rm -rf $(VENV) .cache

@@ -196,6 +196,7 @@ def plan_request(kind: str, body: Any, max_tokens_limit: int = 0) -> Plan:
         if _bool(body, "echo"):
             colocated_reason = colocated_reason or "echo"
         prefix_source = prompt if isinstance(prompt, str) else repr(prompt[:64])
+        estimated = len(prompt) // 4 if isinstance(prompt, str) else len(prompt)
     else:
         prompt, colocated_reason = None, None
         messages = body.get("messages")
@@ -211,6 +212,7 @@ def plan_request(kind: str, body: Any, max_tokens_limit: int = 0) -> Plan:
         if _bool(body, "logprobs"):
             logprobs = _int(body, "top_logprobs", 0) or 0
         prefix_source = _messages_prefix(messages)
+        estimated = sum(len(str(m.get("content") or "")) for m in messages) // 4 + 4 * len(messages)
 
     if body.get("prompt_logprobs") is not None:
         _int(body, "prompt_logprobs", -1)
@@ -251,7 +253,7 @@ def plan_request(kind: str, body: Any, max_tokens_limit: int = 0) -> Plan:
         return_token_ids=bool(body.get("return_token_ids")),
         colocated_reason=colocated_reason,
         prefix_key=prefix_source[:512].encode("utf-8", "surrogatepass"),
-        estimated_tokens=max(1, len(prefix_source) // 4) if isinstance(prefix_source, str) else 1,
+        estimated_tokens=max(1, estimated),
     )
     plan.stitch_blockers = _stitch_blockers(plan, temperature, seed, presence, frequency, logprobs)
     return plan
