@@ -8,6 +8,8 @@ CPU core binding (BRIEF §5), and every connector gets its own ports.
 from __future__ import annotations
 
 import os
+import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -39,17 +41,45 @@ def log_dir(tmp_path_factory) -> Path:
 _core = iter(range(10_000))
 
 
+_handed_out: set[int] = set()
+
+
+def connector_port() -> int:
+    """A free port below the kernel's ephemeral range, for the connector's sockets.
+
+    The worker binds its ZMQ port minutes after the test picks it; a port from the
+    ephemeral range may meanwhile be taken by some outgoing connection (vLLM opens many),
+    which made server starts fail with "address already in use".
+    """
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32000)
+        if port in _handed_out:
+            continue
+        try:
+            with socket.socket() as sock:
+                sock.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
+
+
 def pd_server(name: str, model_dir: Path, log_dir: Path, **extra_config) -> servers.Process:
     """A vLLM CPU server with the PDConnector, on its own ports and core."""
-    config = {"host": "127.0.0.1", "zmq_port": servers.free_port(), "control_port": servers.free_port()}
+    config = {"host": "127.0.0.1", "zmq_port": connector_port(), "control_port": connector_port()}
     config.update(extra_config)
-    return servers.vllm_server(
+    proc = servers.vllm_server(
         name,
         model_dir,
         log_dir,
         kv_transfer_config=servers.pd_connector_config(**config),
         cpu_core=next(_core),
     )
+    # The connector's own endpoints (GET /pd/stats, POST /pd/release) for tests.
+    proc.pd_config = config
+    proc.control_url = f"http://127.0.0.1:{config['control_port']}"
+    return proc
 
 
 class Cluster:

@@ -1,0 +1,150 @@
+"""PDConnector settings: everything lives in ``kv_connector_extra_config``.
+
+vLLM rejects unknown top-level keys in ``--kv-transfer-config`` (BRIEF §2), so every knob
+of the connector is a field of :class:`PDSettings`, read from
+``kv_connector_extra_config``. Each field's ``doc`` metadata is the operator
+documentation (``python -m engine_ext.config`` prints it as a markdown table), so docs
+cannot drift from the code. Unknown keys are rejected: a typo in a lease length should
+fail at start-up, not silently hold blocks for the default time.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+MiB = 1 << 20
+TRANSPORTS = ("auto", "host", "nccl")
+
+
+def outward_ip() -> str:
+    """This host's address on its default route (no packet is sent), else loopback."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("10.255.255.255", 1))
+            return sock.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"doc": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class PDSettings:
+    """Settings of one PDConnector instance (every instance can be P and D)."""
+
+    host: str = _doc(
+        "Address that peers dial to reach this engine (ZMQ data plane and HTTP control "
+        "plane). Empty: this host's outward IP.",
+        default="",
+    )
+    bind_host: str = _doc("Interface the ZMQ and control sockets bind to.", default="0.0.0.0")
+    zmq_port: int = _doc(
+        "ZMQ ROUTER port of TP rank 0; TP rank r binds zmq_port + r.", default=5600
+    )
+    control_port: int = _doc(
+        "HTTP control plane (POST /pd/release, GET /pd/stats, GET /metrics) in the "
+        "engine-core process. 0 disables it.",
+        default=5599,
+    )
+    transport: str = _doc(
+        "Data path: 'auto' (NCCL when both ends are CUDA on different devices, else "
+        "host), 'host' (ZMQ frames through host memory) or 'nccl' (fail if impossible).",
+        default="auto",
+    )
+    lease_seconds: float = _doc(
+        "How long P holds a finished prefill's blocks waiting for its pulls. A prefill "
+        "request may ask for less with kv_transfer_params.lease_seconds.",
+        default=30.0,
+    )
+    pull_timeout_seconds: float = _doc(
+        "D's deadline for a whole pull; past it the load fails and D recomputes.",
+        default=30.0,
+    )
+    connect_timeout_seconds: float = _doc(
+        "How long D tries to reach a P whose connection is refused or dropped (a dead "
+        "P) before failing the pull, instead of waiting out pull_timeout_seconds.",
+        default=5.0,
+    )
+    unknown_wait_seconds: float = _doc(
+        "How long P waits for the registration of a transfer id it does not know yet "
+        "before answering 'unknown'.",
+        default=5.0,
+    )
+    chunk_bytes: int = _doc(
+        "Largest data message: a pull is cut into chunks of whole blocks (all layers) "
+        "of at most this size. 16 MiB keeps ZMQ's receive buffers below glibc's mmap "
+        "threshold, so they are reused instead of page-faulted for every chunk.",
+        default=16 * MiB,
+    )
+    max_inflight_bytes: int = _doc(
+        "Per worker bound on staging memory: P's gathered chunks not yet on the wire, "
+        "and D's requested chunks not yet scattered.",
+        default=64 * MiB,
+    )
+    idle_step_sleep_ms: float = _doc(
+        "An engine holding blocks or waiting for a pull keeps stepping with nothing "
+        "scheduled; sleep this long in such empty steps instead of spinning a core. "
+        "0 disables.",
+        default=2.0,
+    )
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        for name in ("zmq_port", "control_port"):
+            port = getattr(self, name)
+            if not 0 <= port < 65536:
+                raise ValueError(f"{name} out of range: {port}")
+        if self.zmq_port == 0:
+            raise ValueError("zmq_port must be set (peers dial it)")
+        for name in (
+            "lease_seconds",
+            "pull_timeout_seconds",
+            "connect_timeout_seconds",
+            "unknown_wait_seconds",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.chunk_bytes < 4096 or self.max_inflight_bytes < self.chunk_bytes:
+            raise ValueError("need chunk_bytes >= 4096 and max_inflight_bytes >= chunk_bytes")
+        if self.idle_step_sleep_ms < 0:
+            raise ValueError("idle_step_sleep_ms must be >= 0")
+
+    @property
+    def advertised_host(self) -> str:
+        return self.host or outward_ip()
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any] | None) -> PDSettings:
+        """Parse ``kv_connector_extra_config``; unknown keys and bad types raise."""
+        extra = dict(extra or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(extra) - set(known))
+        if unknown:
+            raise ValueError(f"unknown PDConnector settings {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for name, value in extra.items():
+            kind = type(known[name].default)
+            try:
+                values[name] = kind(value) if not isinstance(value, bool) else None
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"PDConnector setting {name}={value!r}: {exc}") from None
+            if values[name] is None or (kind is int and float(value) != int(value)):
+                raise ValueError(f"PDConnector setting {name}={value!r} is not a {kind.__name__}")
+        return cls(**values)
+
+
+def markdown_table() -> str:
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for f in fields(PDSettings):
+        default = f.default if f.default is not MISSING else ""
+        rows.append(f"| `{f.name}` | `{default!r}` | {f.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,315 @@
+"""Scheduler side of the PDConnector (engine-core process): decisions, leases, metrics.
+
+As P, it holds a finished prefill's blocks and returns the ``kv_transfer_params`` the
+proxy copies verbatim into the decode request. As D, it claims the prompt tokens the
+params cover (beyond a local prefix-cache hit) as an asynchronous load and tells its
+workers which remote blocks go into which local blocks. Coordination is by
+``transfer_id`` (generated here) and never by vLLM request ids, which vLLM suffixes
+per engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from engine_ext.config import PDSettings
+from engine_ext.control import ControlServer
+from engine_ext.layout import blocks_to_load, spec_mismatch, spec_signature
+from engine_ext.leases import LeaseTable
+from engine_ext.metadata import Notice, PDConnectorMetadata, PullSpec, SendSpec
+from engine_ext.stats import StatsRegistry
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("vllm.pd.scheduler")
+
+# Keys a decode request's kv_transfer_params must carry (all produced by request_finished).
+REQUIRED_PARAMS = (
+    "transfer_id",
+    "remote_engine_id",
+    "remote_host",
+    "remote_port",
+    "remote_block_ids",
+    "remote_num_tokens",
+    "layout",
+)
+
+
+def _number(value: Any, default: Any) -> Any:
+    """A positive number from client-supplied params, else the default."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return default
+    return number if math.isfinite(number) and number > 0 else default
+
+
+def is_remote_prefill(params: dict[str, Any] | None) -> bool:
+    """A decode request whose prompt KV lives on a prefill instance."""
+    return (
+        bool(params)
+        and bool(params.get("do_remote_prefill"))
+        and all(key in params for key in REQUIRED_PARAMS)
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def params_problem(params: dict[str, Any], prompt_len: int, block_size: int) -> str | None:
+    """Why client-supplied remote-prefill params cannot be used (None if they can).
+
+    They come from an HTTP body: a malformed value must cost a recompute, never an
+    exception inside the engine's scheduler.
+    """
+    if not isinstance(params["transfer_id"], str) or not isinstance(params["remote_host"], str):
+        return "transfer_id and remote_host must be strings"
+    if not _is_int(params["remote_port"]) or not 0 < params["remote_port"] < 65536:
+        return "remote_port must be a port number"
+    tokens, blocks = params["remote_num_tokens"], params["remote_block_ids"]
+    if not _is_int(tokens) or tokens < 0 or not isinstance(params["layout"], dict):
+        return "remote_num_tokens must be a count and layout a dict"
+    if not isinstance(blocks, list) or not all(_is_int(b) and b >= 0 for b in blocks):
+        return "remote_block_ids must be a list of block ids"
+    if len(blocks) < math.ceil(min(tokens, prompt_len) / block_size):
+        return f"{len(blocks)} remote blocks cannot hold {min(tokens, prompt_len)} tokens"
+    return None
+
+
+class PDScheduler:
+    def __init__(
+        self, vllm_config: Any, kv_cache_config: Any, settings: PDSettings, engine_id: str
+    ):
+        if len(kv_cache_config.kv_cache_groups) != 1:
+            raise ValueError("PDConnector supports models with a single KV cache group")
+        self.settings = settings
+        self.engine_id = engine_id
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.layout = spec_signature(vllm_config, kv_cache_config)
+        self.host = settings.advertised_host
+        self.leases = LeaseTable(settings.lease_seconds)
+        self.stats = StatsRegistry()
+        self._meta = PDConnectorMetadata()
+        self._handled: set[str] = set()  # D requests whose remote params were acted on
+        self._pulling: set[str] = set()  # D requests waiting for their pull
+        self._warned: set[str] = set()
+        self.control: ControlServer | None = None
+        if settings.control_port:
+            self.control = ControlServer(
+                settings.bind_host,
+                settings.control_port,
+                release=self.release,
+                stats=self.stats_json,
+                metrics=self.stats.prometheus,
+            ).start()
+        logger.info(
+            "PDConnector scheduler side: engine %s, advertised %s, zmq %d, control %s, layout %s",
+            engine_id,
+            self.host,
+            settings.zmq_port,
+            settings.control_port or "off",
+            self.layout,
+        )
+
+    # ------------------------------------------------------------ D side
+
+    def _target_tokens(self, request: Request) -> int:
+        params = request.kv_transfer_params
+        return min(int(params["remote_num_tokens"]), len(request.prompt_token_ids or ()))
+
+    def _usable(self, request: Request) -> bool:
+        """Params well formed and layouts compatible; logs the reason once if not."""
+        params = request.kv_transfer_params
+        prompt_len = len(request.prompt_token_ids or ())
+        reason = params_problem(params, prompt_len, self.block_size)
+        if reason is None:
+            mismatch = spec_mismatch(self.layout, params["layout"])
+            reason = mismatch and f"layout mismatch ({mismatch})"
+        if reason and request.request_id not in self._warned:
+            self._warned.add(request.request_id)
+            logger.warning(
+                "PDConnector: not pulling KV for %s from %r: %s; recomputing the prompt",
+                request.request_id,
+                params.get("remote_host"),
+                reason,
+            )
+        return reason is None
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        params = request.kv_transfer_params
+        if not is_remote_prefill(params) or request.request_id in self._handled:
+            return 0, False
+        if not self._usable(request):
+            return 0, False
+        count = self._target_tokens(request) - num_computed_tokens
+        return (count, True) if count > 0 else (0, False)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        params = request.kv_transfer_params
+        rid = request.request_id
+        if not is_remote_prefill(params) or rid in self._handled:
+            return
+        self._handled.add(rid)  # vLLM calls this again after the load: act only once
+        if num_external_tokens <= 0:
+            self._notice(request)
+            return
+        target = self._target_tokens(request)
+        local_all = blocks.get_block_ids()[0]
+        try:
+            remote, local = blocks_to_load(
+                params["remote_block_ids"],
+                local_all,
+                target - num_external_tokens,
+                target,
+                self.block_size,
+            )
+        except ValueError as exc:  # unreachable after _usable; fail the load, don't hang it
+            logger.error("PDConnector: cannot map blocks of %s: %s", rid, exc)
+            first = (target - num_external_tokens) // self.block_size
+            remote, local = [], local_all[first : -(-target // self.block_size)]
+        self._meta.pulls.append(
+            PullSpec(
+                req_id=rid,
+                transfer_id=params["transfer_id"],
+                host=params["remote_host"],
+                port=int(params["remote_port"]),
+                remote_block_ids=tuple(remote),
+                local_block_ids=tuple(local),
+                remote_layout=params["layout"],
+                consumer_key=self._consumer_key(rid),
+            )
+        )
+        self._pulling.add(rid)
+        self.stats.inc("pulls_started")
+
+    def _consumer_key(self, req_id: str) -> str:
+        return f"{self.engine_id}/{req_id}"
+
+    def _notice(self, request: Request) -> None:
+        """This request will not pull: let P count its consumer as done."""
+        params = request.kv_transfer_params
+        if params_problem(params, 0, self.block_size):
+            return  # nowhere sensible to send it
+        self._meta.notices.append(
+            Notice(
+                transfer_id=params["transfer_id"],
+                host=params["remote_host"],
+                port=int(params["remote_port"]),
+                consumer_key=self._consumer_key(request.request_id),
+            )
+        )
+        self.stats.inc("pulls_skipped")
+
+    # ------------------------------------------------------------ P side
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        from vllm.v1.request import RequestStatus
+
+        params = request.kv_transfer_params
+        rid = request.request_id
+        if is_remote_prefill(params):  # a decode request ends (normally or aborted)
+            if rid not in self._handled:
+                self._notice(request)  # aborted before it was ever scheduled
+            self._handled.discard(rid)
+            self._warned.discard(rid)
+            return False, None
+        if not params or not params.get("do_remote_decode"):
+            return False, None
+        finished_normally = request.status in (
+            RequestStatus.FINISHED_LENGTH_CAPPED,
+            RequestStatus.FINISHED_STOPPED,
+        )
+        prompt_len = request.num_prompt_tokens
+        if not finished_normally or request.num_computed_tokens < prompt_len or not block_ids:
+            logger.info(
+                "PDConnector: not holding blocks of %s (status %s, %d/%d computed)",
+                rid,
+                request.status,
+                request.num_computed_tokens,
+                prompt_len,
+            )
+            return False, None
+        # Only the blocks holding prompt tokens travel (the sampled token has no KV yet).
+        held = list(block_ids[: -(-prompt_len // self.block_size)])
+        consumers = int(_number(params.get("consumers"), 1))
+        lease = _number(params.get("lease_seconds"), None)
+        tid = uuid.uuid4().hex
+        self.leases.add(tid, rid, lease)
+        self._meta.sends.append(SendSpec(tid, rid, tuple(held), max(1, consumers)))
+        self.stats.inc("transfers_held_total")
+        return True, {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "transfer_id": tid,
+            "remote_engine_id": self.engine_id,
+            "remote_host": self.host,
+            "remote_port": self.settings.zmq_port,
+            "control_port": self.settings.control_port,
+            "remote_block_ids": held,
+            "remote_num_tokens": prompt_len,
+            "layout": self.layout,
+        }
+
+    def release(self, transfer_id: str) -> bool:
+        """Control plane (its own thread): stop holding a transfer's blocks next step."""
+        released = self.leases.release(transfer_id)
+        if released:
+            self.stats.inc("releases")
+        return released
+
+    # ------------------------------------------------------------ every step
+
+    def build_connector_meta(self, scheduler_output: Any) -> PDConnectorMetadata:
+        for tid in self.leases.expire():
+            self.stats.inc("lease_expiries")
+            logger.info("PDConnector: lease of transfer %s expired; releasing its blocks", tid)
+        meta, self._meta = self._meta, PDConnectorMetadata()
+        meta.releases.extend(self.leases.take_releases())
+        self._sync_gauges()
+        # Holding blocks or waiting for a pull keeps the engine stepping with nothing
+        # to compute; a short sleep there spares a core without delaying real work.
+        if (
+            self.settings.idle_step_sleep_ms
+            and not scheduler_output.total_num_scheduled_tokens
+            and meta.is_empty()
+            and (len(self.leases) or self._pulling)
+        ):
+            time.sleep(self.settings.idle_step_sleep_ms / 1000.0)
+        return meta
+
+    def update_connector_output(self, output: KVConnectorOutput) -> None:
+        if output.kv_connector_stats is not None:
+            self.stats.add(output.kv_connector_stats.data)
+        for rid in output.finished_sending or ():
+            lease = self.leases.finished(rid)
+            if lease is not None and not lease.releasing:
+                self.stats.inc("transfers_completed")
+        for rid in output.finished_recving or ():
+            self._pulling.discard(rid)
+        self._sync_gauges()
+
+    def _sync_gauges(self) -> None:
+        self.stats.set_gauge("transfers_held", len(self.leases))
+        self.stats.set_gauge("pulls_inflight", len(self._pulling))
+
+    def stats_json(self) -> dict[str, Any]:
+        return {"engine_id": self.engine_id, **self.stats.snapshot()}
+
+    def shutdown(self) -> None:
+        if self.control is not None:
+            self.control.stop()
+            self.control = None

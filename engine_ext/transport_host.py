@@ -1,0 +1,268 @@
+"""ZeroMQ control and host data plane, P side: serve pulls of held blocks (ROUTER).
+
+One :class:`HostServer` per P worker (rank r binds ``zmq_port + r``); its D-side peer
+is :class:`engine_ext.transport_pull.HostClient` (a DEALER per P endpoint, rank r dials
+rank r). Both run on their own thread and own their sockets; the engine thread only
+registers work and collects results, so KV bytes never cross the engine loop.
+
+Protocol (JSON header frame, then an optional payload frame):
+
+* D -> P ``chunk`` {tid, key, seq, blocks, layout, via, dev}: "send me these of your
+  blocks". D cuts a pull into chunks of whole blocks (``chunk_bytes``) and keeps a
+  small window of them requested, so memory stays bounded on both sides and P's gather
+  of chunk k+1 overlaps the wire time of chunk k.
+* P -> D reply {key, seq, status, ...} + payload (status ``ok``, host path): the
+  gathered blocks, sent zero-copy from a pooled staging buffer.
+* D -> P ``done`` {tid, key, ok}: this consumer is finished (pulled, failed, aborted or
+  skipped); P frees the blocks when all consumers are done.
+
+Every wait has a deadline: D fails a pull after ``pull_timeout_seconds``; P parks a
+pull for an unknown transfer at most ``unknown_wait_seconds``; staging waits are bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import zmq
+
+from engine_ext.config import PDSettings
+from engine_ext.leases import SendRegistry
+from engine_ext.stats import WorkerCounters
+
+logger = logging.getLogger("vllm.pd.transport")
+
+STAGING_WAIT_SECONDS = 5.0  # longest P waits for a staging buffer before refusing a chunk
+
+
+def dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def socket_defaults(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    # Heartbeats drop a dead peer's pipe (and the messages queued on it) within seconds.
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+
+
+class BlockSource(Protocol):
+    def nbytes(self, num_blocks: int) -> int: ...
+    def gather(self, block_ids: Sequence[int], out: np.ndarray) -> None: ...
+    def scatter(self, block_ids: Sequence[int], src_buf: np.ndarray) -> None: ...
+
+
+class StagingPool:
+    """Reusable, pre-faulted host buffers for chunks in flight, bounded in bytes.
+
+    A buffer sent zero-copy belongs to ZMQ until its tracker says the bytes are on the
+    wire; only then is it reused. Fresh buffers are touched once at creation: page
+    faults on a new 16 MiB buffer per chunk cost more than the copy itself.
+    """
+
+    def __init__(self, buf_bytes: int, max_bytes: int):
+        self.buf_bytes = buf_bytes
+        self.max_bytes = max_bytes
+        self._free: list[np.ndarray] = []
+        self._busy: deque[tuple[np.ndarray, zmq.MessageTracker]] = deque()
+        self._busy_bytes = 0
+
+    def _reap(self) -> None:
+        keep: deque[tuple[np.ndarray, zmq.MessageTracker]] = deque()
+        for buf, tracker in self._busy:
+            if tracker.done:
+                self._busy_bytes -= buf.nbytes
+                pooled = len(self._free) * self.buf_bytes
+                if buf.nbytes == self.buf_bytes and pooled + self.buf_bytes <= self.max_bytes:
+                    self._free.append(buf)
+            else:
+                keep.append((buf, tracker))
+        self._busy = keep
+
+    def acquire(self, nbytes: int, timeout: float) -> np.ndarray | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._reap()
+            if not self._busy or self._busy_bytes + max(nbytes, self.buf_bytes) <= self.max_bytes:
+                if nbytes <= self.buf_bytes:
+                    buf = self._free.pop() if self._free else np.ones(self.buf_bytes, np.uint8)
+                else:  # one block larger than a chunk: a one-off buffer
+                    buf = np.ones(nbytes, np.uint8)
+                return buf
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                self._busy[0][1].wait(timeout=min(left, 0.5))
+            except zmq.NotDone:
+                pass
+
+    def give_back(self, buf: np.ndarray) -> None:
+        """An acquired buffer that was not sent after all."""
+        if (
+            buf.nbytes == self.buf_bytes
+            and (len(self._free) + 1) * self.buf_bytes <= self.max_bytes
+        ):
+            self._free.append(buf)
+
+    def track(self, buf: np.ndarray, tracker: zmq.MessageTracker) -> None:
+        self._busy.append((buf, tracker))
+        self._busy_bytes += buf.nbytes
+
+
+class HostServer:
+    """P side of one worker: answers chunk requests for held transfers."""
+
+    def __init__(
+        self,
+        settings: PDSettings,
+        port: int,
+        registry: SendRegistry,
+        block_io: BlockSource,
+        layout_digest: str,
+        layout_desc: dict[str, Any],
+        counters: WorkerCounters,
+        nccl: Any = None,
+    ):
+        self.settings = settings
+        self.registry = registry
+        self.block_io = block_io
+        self.layout_digest = layout_digest
+        self.layout_desc = layout_desc
+        self.counters = counters
+        self.nccl = nccl  # transport_nccl.NcclServer or None
+        self.pool = StagingPool(settings.chunk_bytes, settings.max_inflight_bytes)
+        self._ctx = zmq.Context(io_threads=1)
+        self.sock = self._ctx.socket(zmq.ROUTER)
+        socket_defaults(self.sock)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # bounded by the staging pool instead
+        try:
+            self.sock.bind(f"tcp://{settings.bind_host}:{port}")
+        except zmq.ZMQError as exc:
+            self._ctx.destroy(linger=0)
+            raise RuntimeError(f"PDConnector cannot bind ZMQ port {port}: {exc}") from exc
+        self.port = port
+        self._parked: list[tuple[float, bytes, dict[str, Any]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"pd-server-{port}", daemon=True)
+
+    def start(self) -> HostServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._ctx.destroy(linger=0)
+
+    # --- loop
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                if poller.poll(10 if self._parked else 200):
+                    for _ in range(64):  # drain, but keep parked pulls moving
+                        try:
+                            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                self._retry_parked()
+            except zmq.ContextTerminated:
+                return
+            except Exception:  # one bad message must not kill the data plane
+                logger.exception("PD server loop error")
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
+        ident, header = frames[0], json.loads(frames[1])
+        op = header.get("op")
+        if op == "chunk":
+            self._chunk(ident, header, parked=False)
+        elif op == "done":
+            self.registry.consumer_done(header["tid"], header["key"])
+            if header.get("ok"):
+                self.counters.add(pulls_served=1)
+        else:
+            logger.warning("PD server: unknown op %r", op)
+
+    def _reply(self, ident: bytes, request: dict[str, Any], reply: dict[str, Any]) -> None:
+        reply.update(key=request.get("key"), seq=request.get("seq"))
+        self.sock.send_multipart([ident, dumps(reply)])
+
+    def _refuse(self, ident: bytes, request: dict[str, Any], status: str, detail: str) -> None:
+        self.counters.add(pulls_refused=1)
+        self._reply(ident, request, {"status": status, "detail": detail})
+
+    def _retry_parked(self) -> None:
+        if not self._parked:
+            return
+        now, parked, self._parked = time.monotonic(), self._parked, []
+        for deadline, ident, header in parked:
+            state = self.registry.state(header["tid"])
+            if state != "unknown":
+                self._chunk(ident, header, parked=True)
+            elif now >= deadline:
+                self._refuse(ident, header, "unknown", f"transfer {header['tid']} unknown here")
+            else:
+                self._parked.append((deadline, ident, header))
+
+    def _chunk(self, ident: bytes, h: dict[str, Any], parked: bool) -> None:
+        tid = h["tid"]
+        if h.get("layout") != self.layout_digest:
+            detail = json.dumps(self.layout_desc)
+            logger.warning("PD server: refusing pull of %s: KV layout of the peer differs", tid)
+            self._refuse(ident, h, "mismatch", detail)
+            return
+        entry = self.registry.begin_read(tid)
+        if entry is None:
+            if not parked and self.registry.state(tid) == "unknown":
+                # The prefill may have finished a step ago and its registration not
+                # reached this worker yet: wait for it, but not forever.
+                self._parked.append(
+                    (time.monotonic() + self.settings.unknown_wait_seconds, ident, h)
+                )
+            else:
+                self._refuse(ident, h, "unknown", f"transfer {tid} released or expired")
+            return
+        blocks: list[int] = h["blocks"]
+        try:
+            if not set(blocks) <= set(entry.spec.block_ids):
+                self._refuse(ident, h, "error", "blocks outside the transfer")
+                return
+            if h.get("via") == "nccl":
+                if self.nccl is None:
+                    self._reply(ident, h, {"status": "use_host"})
+                else:  # replies itself, before it waits for the send to complete
+                    self.nccl.send_chunk(h, blocks, lambda reply: self._reply(ident, h, reply))
+                return
+            nbytes = self.block_io.nbytes(len(blocks))
+            buf = self.pool.acquire(nbytes, STAGING_WAIT_SECONDS)
+            if buf is None:
+                self._refuse(ident, h, "busy", "no staging buffer free")
+                return
+            try:
+                self.block_io.gather(blocks, buf[:nbytes])
+            except Exception as exc:  # D must hear of it, not time out
+                logger.exception("PD server: gathering %s failed", tid)
+                self.pool.give_back(buf)
+                self._refuse(ident, h, "error", f"gather failed: {exc}")
+                return
+        finally:
+            self.registry.end_read(entry)
+        head = dumps({"key": h["key"], "seq": h["seq"], "status": "ok", "nbytes": nbytes})
+        tracker = self.sock.send_multipart(
+            [ident, head, memoryview(buf[:nbytes])], copy=False, track=True
+        )
+        self.pool.track(buf, tracker)
+        self.counters.add(bytes_sent=nbytes, blocks_sent=len(blocks), chunks_sent=1)

@@ -1,0 +1,419 @@
+"""ZeroMQ host data plane, D side: pull held blocks from P workers (DEALERs).
+
+One :class:`HostClient` per D worker, on its own thread. It cuts each pull into chunks
+of whole blocks, keeps a small window of them requested (bounded memory, and P's
+gather of chunk k+1 overlaps the wire time of chunk k), scatters each arriving chunk
+into the local blocks, and reports every pull exactly once through
+:meth:`HostClient.take_results`. A socket monitor per peer tells a dead or frozen P
+(refused, dropped or never-handshaken connection) from a slow one, so a pull from a
+dead P fails after ``connect_timeout_seconds`` instead of the whole pull timeout.
+See :mod:`engine_ext.transport_host` for the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from engine_ext.config import PDSettings
+from engine_ext.layout import KVLayout, plan_chunks
+from engine_ext.metadata import Notice, PullSpec
+from engine_ext.stats import WorkerCounters
+from engine_ext.transport_host import BlockSource, dumps, socket_defaults
+
+logger = logging.getLogger("vllm.pd.transport")
+
+WINDOW = 3  # chunks a pull keeps requested: enough to overlap gather, wire and scatter
+
+
+@dataclass
+class PullResult:
+    req_id: str
+    ok: bool
+    cancelled: bool
+    local_block_ids: tuple[int, ...]
+    reason: str = ""
+
+
+# "Up" means the ZMTP handshake completed, not just TCP: a dying process's listening
+# socket still accepts connections while it is torn down, and never answers.
+_UP_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED
+_DOWN_EVENTS = (
+    zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_CLOSED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+@dataclass
+class _Peer:
+    """A DEALER to one P worker, with connection state from a ZMQ socket monitor."""
+
+    endpoint: str
+    sock: zmq.Socket
+    monitor: zmq.Socket
+    up: bool = False
+    down_since: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Job:
+    spec: PullSpec
+    endpoint: str
+    chunks: list[tuple[int, int]]
+    deadline: float
+    started: float
+    next_chunk: int = 0
+    outstanding: dict[int, int] = field(default_factory=dict)  # seq -> bytes reserved
+    done_chunks: int = 0
+    nbytes: int = 0
+    via: str = "host"
+
+
+class HostClient:
+    """D side of one worker: runs pulls, reports each exactly once via take_results."""
+
+    def __init__(
+        self,
+        settings: PDSettings,
+        rank: int,
+        block_io: BlockSource,
+        layout_digest: str,
+        layout_desc: dict[str, Any],
+        counters: WorkerCounters,
+        nccl: Any = None,
+    ):
+        self.settings = settings
+        self.rank = rank
+        self.block_io = block_io
+        self.layout_digest = layout_digest
+        self.layout_desc = layout_desc
+        self.counters = counters
+        self.nccl = nccl  # transport_nccl.NcclClient or None
+        self._ctx = zmq.Context(io_threads=1)
+        self._wake_addr = f"inproc://pd-client-wake-{id(self)}"
+        self._wake_recv = self._ctx.socket(zmq.PULL)
+        self._wake_recv.bind(self._wake_addr)
+        self._wake_send = self._ctx.socket(zmq.PUSH)
+        self._wake_send.connect(self._wake_addr)
+        self._wake_lock = threading.Lock()
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._results: list[PullResult] = []
+        self._results_lock = threading.Lock()
+        self._jobs: dict[str, _Job] = {}  # consumer key -> job
+        self._peers: dict[str, _Peer] = {}
+        self._poller = zmq.Poller()
+        self._inflight_bytes = 0
+        self._thread = threading.Thread(target=self._run, name=f"pd-client-{rank}", daemon=True)
+
+    # --- engine thread API
+
+    def start(self) -> HostClient:
+        self._thread.start()
+        return self
+
+    def submit(self, spec: PullSpec) -> None:
+        self._command("pull", spec)
+
+    def notice(self, notice: Notice) -> None:
+        self._command("notice", notice)
+
+    def cancel(self, req_ids: set[str]) -> None:
+        self._command("cancel", set(req_ids))
+
+    def take_results(self) -> list[PullResult]:
+        with self._results_lock:
+            out, self._results = self._results, []
+        return out
+
+    def stop(self) -> None:
+        self._command("stop", None)
+        self._thread.join(timeout=5)
+        self._ctx.destroy(linger=0)
+
+    def _command(self, kind: str, arg: Any) -> None:
+        self._commands.put((kind, arg))
+        with self._wake_lock:
+            self._wake_send.send(b"", zmq.NOBLOCK)
+
+    # --- client thread
+
+    def endpoint(self, host: str, port: int) -> str:
+        return f"tcp://{host}:{port + self.rank}"
+
+    def _peer(self, endpoint: str) -> _Peer:
+        peer = self._peers.get(endpoint)
+        if peer is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            socket_defaults(sock)
+            # Drop (and retry) a connection whose handshake stalls, e.g. a frozen P.
+            sock.setsockopt(zmq.HANDSHAKE_IVL, int(self.settings.connect_timeout_seconds * 1000))
+            monitor = sock.get_monitor_socket(_UP_EVENTS | _DOWN_EVENTS)
+            sock.connect(endpoint)
+            peer = self._peers[endpoint] = _Peer(endpoint, sock, monitor)
+            self._poller.register(sock, zmq.POLLIN)
+            self._poller.register(monitor, zmq.POLLIN)
+        return peer
+
+    def _drop_peer(self, endpoint: str) -> None:
+        """Forget an unreachable peer: its queued requests and stale replies vanish."""
+        if any(job.endpoint == endpoint for job in self._jobs.values()):
+            return
+        peer = self._peers.pop(endpoint, None)
+        if peer is not None:
+            for sock in (peer.sock, peer.monitor):
+                self._poller.unregister(sock)
+            peer.sock.disable_monitor()
+            peer.monitor.close(linger=0)
+            peer.sock.close(linger=0)
+
+    def _on_monitor(self, peer: _Peer) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(peer.monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event & _UP_EVENTS and not peer.up:
+                peer.up = True
+                logger.info("PD client: connected to %s", peer.endpoint)
+            elif event & _DOWN_EVENTS and peer.up:
+                peer.up, peer.down_since = False, time.monotonic()
+                logger.info("PD client: lost %s (event %d)", peer.endpoint, event)
+
+    def _run(self) -> None:
+        self._poller.register(self._wake_recv, zmq.POLLIN)
+        while True:
+            try:
+                now = time.monotonic()
+                wait = min((job.deadline for job in self._jobs.values()), default=now + 1.0) - now
+                if any(not self._peer(job.endpoint).up for job in self._jobs.values()):
+                    wait = min(wait, 0.1)  # watch unreachable peers' connect deadlines
+                events = dict(self._poller.poll(max(1, min(1000, int(wait * 1000) + 1))))
+                if self._wake_recv in events:
+                    while True:
+                        try:
+                            self._wake_recv.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                    if not self._drain_commands():
+                        return
+                for peer in list(self._peers.values()):
+                    if peer.monitor in events:
+                        self._on_monitor(peer)
+                    if peer.sock in events:
+                        self._drain_replies(peer)
+                self._expire()
+                self._pump()
+            except zmq.ContextTerminated:
+                return
+            except Exception:
+                logger.exception("PD client loop error")
+
+    def _drain_commands(self) -> bool:
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+            if kind == "stop":
+                for job in list(self._jobs.values()):
+                    self._finish(job, ok=False, reason="connector shutdown")
+                return False
+            if kind == "pull":
+                self._start(arg)
+            elif kind == "notice":
+                done = {"op": "done", "tid": arg.transfer_id, "key": arg.consumer_key, "ok": False}
+                self._send(self.endpoint(arg.host, arg.port), done)
+            elif kind == "cancel":
+                for job in [j for j in self._jobs.values() if j.spec.req_id in arg]:
+                    self._finish(job, ok=False, reason="request aborted", cancelled=True)
+
+    def _send(self, endpoint: str, header: dict[str, Any]) -> None:
+        try:
+            self._peer(endpoint).sock.send(dumps(header), zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning("PD client: %s not accepting messages (queue full)", endpoint)
+
+    def _start(self, spec: PullSpec) -> None:
+        now = time.monotonic()
+        chunks = plan_chunks(
+            len(spec.remote_block_ids), self.block_io.nbytes(1), self.settings.chunk_bytes
+        )
+        job = _Job(
+            spec,
+            self.endpoint(spec.host, spec.port),
+            chunks,
+            deadline=now + self.settings.pull_timeout_seconds,
+            started=now,
+        )
+        if self.nccl is not None:
+            job.via = self.nccl.choose(job.endpoint, spec.remote_layout)
+        self._jobs[spec.consumer_key] = job
+        if len(spec.remote_block_ids) != len(spec.local_block_ids) or not spec.local_block_ids:
+            self._finish(job, ok=False, reason="malformed pull (block lists differ)")
+
+    def _pump(self) -> None:
+        """Request more chunks, within each pull's window and the byte budget."""
+        for job in list(self._jobs.values()):
+            while job.next_chunk < len(job.chunks) and len(job.outstanding) < WINDOW:
+                start, end = job.chunks[job.next_chunk]
+                size = self.block_io.nbytes(end - start)
+                if (
+                    self._inflight_bytes
+                    and self._inflight_bytes + size > self.settings.max_inflight_bytes
+                ):
+                    return
+                seq = job.next_chunk
+                job.outstanding[seq] = size
+                self._inflight_bytes += size
+                job.next_chunk += 1
+                self._request_chunk(job, seq)
+
+    def _request_chunk(self, job: _Job, seq: int) -> None:
+        start, end = job.chunks[seq]
+        self._send(
+            job.endpoint,
+            {
+                "op": "chunk",
+                "tid": job.spec.transfer_id,
+                "key": job.spec.consumer_key,
+                "seq": seq,
+                "blocks": list(job.spec.remote_block_ids[start:end]),
+                "layout": self.layout_digest,
+                "via": job.via,
+                "dev": self.nccl.device_id if self.nccl is not None else "",
+            },
+        )
+
+    def _drain_replies(self, peer: _Peer) -> None:
+        while True:
+            try:
+                frames = peer.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            peer.up = True  # an answer proves it, whatever the monitor said
+            header = json.loads(frames[0].bytes)
+            job = self._jobs.get(header.get("key"))
+            seq = header.get("seq")
+            if job is None or seq not in job.outstanding:
+                continue  # a reply for a pull that already ended
+            self._on_reply(job, seq, header, frames[1:])
+
+    def _on_reply(
+        self, job: _Job, seq: int, header: dict[str, Any], payload: list[zmq.Frame]
+    ) -> None:
+        status = header.get("status")
+        start, end = job.chunks[seq]
+        local = job.spec.local_block_ids[start:end]
+        try:
+            if status == "ok" and header.get("via") == "nccl":
+                self.nccl.recv_chunk(job.endpoint, header, local, job.deadline)
+            elif status == "ok":
+                expected = self.block_io.nbytes(end - start)
+                data = (
+                    np.frombuffer(payload[0].buffer, np.uint8) if payload else np.empty(0, np.uint8)
+                )
+                if data.nbytes != expected:
+                    raise ValueError(f"chunk {seq}: got {data.nbytes} bytes, expected {expected}")
+                self.block_io.scatter(local, data)
+            elif status in ("use_host", "nccl_setup"):
+                # P prefers the host path (same device, host setting, no NCCL), or it
+                # created a communicator for us: join it, else fall back to host.
+                if status == "use_host" or not self.nccl.join(job.endpoint, header["uid"]):
+                    if self.settings.transport == "nccl":
+                        raise RuntimeError("transport=nccl, but P cannot use NCCL with this worker")
+                    job.via = "host"
+                    self.nccl.remember_host(job.endpoint)
+                self._request_chunk(job, seq)
+                return
+            else:
+                reason = f"P refused chunk {seq}: {status}"
+                if status == "mismatch":
+                    reason = "KV layout mismatch: " + str(
+                        KVLayout.mismatch(
+                            self.layout_desc, json.loads(header.get("detail") or "{}")
+                        )
+                    )
+                elif header.get("detail"):
+                    reason += f" ({header['detail']})"
+                self._finish(job, ok=False, reason=reason)
+                return
+        except Exception as exc:
+            logger.exception("PD client: chunk %d of %s failed", seq, job.spec.transfer_id)
+            self._finish(job, ok=False, reason=f"chunk {seq}: {exc}")
+            return
+        self._inflight_bytes -= job.outstanding.pop(seq)
+        job.done_chunks += 1
+        job.nbytes += self.block_io.nbytes(end - start)
+        if job.done_chunks == len(job.chunks):
+            self._finish(job, ok=True)
+
+    def _expire(self) -> None:
+        now, grace = time.monotonic(), self.settings.connect_timeout_seconds
+        for job in list(self._jobs.values()):
+            peer = self._peer(job.endpoint)
+            if now >= job.deadline:
+                self._finish(
+                    job,
+                    ok=False,
+                    drop_peer=True,
+                    reason=f"timed out after {self.settings.pull_timeout_seconds:g}s",
+                )
+            elif not peer.up and now - max(job.started, peer.down_since) >= grace:
+                # Refused or dropped connection: P died (or is unreachable); fail fast
+                # instead of waiting out the whole pull timeout.
+                self._finish(job, ok=False, reason=f"P unreachable for {grace:g}s", drop_peer=True)
+
+    def _finish(
+        self,
+        job: _Job,
+        ok: bool,
+        reason: str = "",
+        cancelled: bool = False,
+        drop_peer: bool = False,
+    ) -> None:
+        if self._jobs.pop(job.spec.consumer_key, None) is None:
+            return
+        self._inflight_bytes -= sum(job.outstanding.values())
+        job.outstanding.clear()
+        done = {"op": "done", "tid": job.spec.transfer_id, "key": job.spec.consumer_key, "ok": ok}
+        self._send(job.endpoint, done)
+        elapsed = time.monotonic() - job.started
+        if ok:
+            self.counters.add(
+                bytes_received=job.nbytes,
+                blocks_received=len(job.spec.local_block_ids),
+                transfers_ok=1,
+                transfer_seconds_total=elapsed,
+            )
+        elif cancelled:
+            self.counters.add(transfers_cancelled=1)
+        else:
+            self.counters.add(transfers_failed=1)
+            logger.warning(
+                "PD pull of %s for %s from %s failed after %.2fs: %s; the request "
+                "will be recomputed",
+                job.spec.transfer_id,
+                job.spec.req_id,
+                job.endpoint,
+                elapsed,
+                reason,
+            )
+            if drop_peer:
+                self._drop_peer(job.endpoint)
+        result = PullResult(job.spec.req_id, ok, cancelled, job.spec.local_block_ids, reason)
+        with self._results_lock:
+            self._results.append(result)

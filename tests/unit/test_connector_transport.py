@@ -1,0 +1,284 @@
+"""Host transport: real ZMQ server and client threads on loopback, fake CPU KV caches."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from devkit.servers import free_port
+from engine_ext.config import PDSettings
+from engine_ext.layout import BlockIO, KVLayout
+from engine_ext.leases import SendRegistry
+from engine_ext.metadata import Notice, PullSpec, SendSpec
+from engine_ext.stats import WorkerCounters
+from engine_ext.transport_host import HostServer, StagingPool
+from engine_ext.transport_pull import HostClient
+
+NUM_BLOCKS = 32
+SHAPE = (NUM_BLOCKS, 2, 16, 64)  # 8 KiB per block per layer, 16 KiB per block
+
+
+def make_caches(seed: int | None):
+    g = torch.Generator().manual_seed(seed or 0)
+    make = (
+        (lambda: torch.randn(SHAPE, generator=g))
+        if seed is not None
+        else (lambda: torch.zeros(SHAPE))
+    )
+    return {"layers.0": make(), "layers.1": make()}
+
+
+class Side:
+    """One worker's transport pieces around its own KV caches."""
+
+    def __init__(self, settings: PDSettings, seed: int | None, port: int, shape=SHAPE):
+        self.caches = make_caches(seed) if shape == SHAPE else {"layers.0": torch.zeros(shape)}
+        layout = KVLayout.from_caches(self.caches, NUM_BLOCKS, 1)
+        self.io = BlockIO(self.caches, layout)
+        self.registry = SendRegistry()
+        self.counters = WorkerCounters()
+        self.server = HostServer(
+            settings,
+            port,
+            self.registry,
+            self.io,
+            layout.digest(),
+            layout.describe(),
+            self.counters,
+        ).start()
+        self.client = HostClient(
+            settings, 0, self.io, layout.digest(), layout.describe(), self.counters
+        ).start()
+
+    def stop(self):
+        self.client.stop()
+        self.server.stop()
+
+
+@pytest.fixture
+def settings():
+    # Small chunks so that a pull of a few blocks takes several messages.
+    return PDSettings(
+        host="127.0.0.1",
+        bind_host="127.0.0.1",
+        zmq_port=free_port(),
+        control_port=0,
+        chunk_bytes=40 * 1024,
+        max_inflight_bytes=80 * 1024,
+        pull_timeout_seconds=4,
+        connect_timeout_seconds=1,
+        unknown_wait_seconds=1,
+    )
+
+
+@pytest.fixture
+def pair(settings):
+    p = Side(settings, seed=1, port=settings.zmq_port)
+    d = Side(settings, seed=None, port=free_port())
+    yield p, d
+    p.stop()
+    d.stop()
+
+
+def pull(tid, remote, local, port, key="d/req-1", req="req-1", layout=None):
+    return PullSpec(
+        req_id=req,
+        transfer_id=tid,
+        host="127.0.0.1",
+        port=port,
+        remote_block_ids=tuple(remote),
+        local_block_ids=tuple(local),
+        remote_layout=layout or {"device": "cpu"},
+        consumer_key=key,
+    )
+
+
+def wait_results(client, count=1, timeout=15.0):
+    out, deadline = [], time.monotonic() + timeout
+    while len(out) < count and time.monotonic() < deadline:
+        out += client.take_results()
+        time.sleep(0.01)
+    assert len(out) == count, f"got {out}"
+    return out
+
+
+def test_pull_moves_blocks_in_chunks_and_releases_p(pair, settings):
+    p, d = pair
+    remote, local = [3, 4, 5, 10, 11, 20, 21], [1, 2, 9, 8, 7, 30, 31]
+    p.registry.register(SendSpec("t1", "p-req", tuple(remote) + (22,), consumers=1))
+    d.client.submit(pull("t1", remote, local, settings.zmq_port))
+    (result,) = wait_results(d.client)
+    assert result.ok and not result.cancelled and result.local_block_ids == tuple(local)
+    for name in p.caches:
+        for r, l in zip(remote, local):
+            assert torch.equal(p.caches[name][r], d.caches[name][l])
+    # The one consumer is done: P may free the blocks now.
+    deadline = time.monotonic() + 5
+    finished = set()
+    while not finished and time.monotonic() < deadline:
+        finished = p.registry.take_finished()
+        time.sleep(0.01)
+    assert finished == {"p-req"}
+    sent, got = p.counters.take().data, d.counters.take().data
+    assert sent["bytes_sent"] == got["bytes_received"] == len(remote) * p.io.nbytes(1)
+    assert sent["chunks_sent"] >= 3  # 7 blocks of 16 KiB in 40 KiB chunks
+    assert got["transfers_ok"] == 1 and sent["pulls_served"] == 1
+
+
+def test_pull_waits_for_late_registration(pair, settings):
+    p, d = pair
+    d.client.submit(pull("late", [1, 2], [5, 6], settings.zmq_port))
+    time.sleep(0.3)  # P's worker learns of the transfer one engine step later
+    p.registry.register(SendSpec("late", "p-req", (1, 2), consumers=1))
+    (result,) = wait_results(d.client)
+    assert result.ok
+    assert torch.equal(p.caches["layers.0"][2], d.caches["layers.0"][6])
+
+
+def test_unknown_transfer_fails_after_bounded_wait(pair, settings):
+    _, d = pair
+    start = time.monotonic()
+    d.client.submit(pull("never", [1], [2], settings.zmq_port))
+    (result,) = wait_results(d.client)
+    assert not result.ok and "unknown" in result.reason
+    assert settings.unknown_wait_seconds <= time.monotonic() - start < settings.pull_timeout_seconds
+    assert d.counters.take().data["transfers_failed"] == 1
+
+
+def test_released_transfer_is_refused_at_once(pair, settings):
+    p, d = pair
+    p.registry.register(SendSpec("t1", "p-req", (1,), consumers=1))
+    p.registry.release("t1")
+    start = time.monotonic()
+    d.client.submit(pull("t1", [1], [2], settings.zmq_port))
+    (result,) = wait_results(d.client)
+    assert not result.ok and time.monotonic() - start < settings.unknown_wait_seconds
+
+
+def test_dead_peer_fails_fast(settings):
+    d = Side(settings, seed=None, port=free_port())
+    try:
+        start = time.monotonic()
+        d.client.submit(pull("t1", [1], [2], free_port()))  # nobody listens there
+        (result,) = wait_results(d.client, timeout=settings.pull_timeout_seconds + 5)
+        assert not result.ok and "unreachable" in result.reason
+        elapsed = time.monotonic() - start
+        assert settings.connect_timeout_seconds - 0.1 <= elapsed < settings.pull_timeout_seconds
+    finally:
+        d.stop()
+
+
+def test_frozen_peer_fails_fast(settings):
+    """TCP accepts (a dying or frozen process's socket) but ZMQ never handshakes."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))  # never accept()ed
+    d = Side(settings, seed=None, port=free_port())
+    try:
+        start = time.monotonic()
+        d.client.submit(pull("t1", [1], [2], listener.getsockname()[1]))
+        (result,) = wait_results(d.client, timeout=settings.pull_timeout_seconds + 5)
+        assert not result.ok and "unreachable" in result.reason
+        assert time.monotonic() - start < settings.pull_timeout_seconds
+    finally:
+        d.stop()
+        listener.close()
+
+
+def test_silent_peer_times_out(settings):
+    """A P that accepts the connection but never answers: the pull deadline ends it."""
+    import zmq
+
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    d = Side(settings, seed=None, port=free_port())
+    try:
+        start = time.monotonic()
+        d.client.submit(pull("t1", [1], [2], port))
+        (result,) = wait_results(d.client, timeout=settings.pull_timeout_seconds + 5)
+        assert not result.ok and "timed out" in result.reason
+        assert time.monotonic() - start >= settings.pull_timeout_seconds - 0.1
+    finally:
+        d.stop()
+        ctx.destroy(linger=0)
+
+
+def test_layout_mismatch_is_refused_with_reason(settings):
+    p = Side(settings, seed=1, port=settings.zmq_port)
+    d = Side(settings, seed=None, port=free_port(), shape=(NUM_BLOCKS, 2, 16, 32))
+    try:
+        p.registry.register(SendSpec("t1", "p-req", (1,), consumers=1))
+        d.client.submit(pull("t1", [1], [2], settings.zmq_port))
+        (result,) = wait_results(d.client)
+        assert not result.ok and "layout mismatch" in result.reason and "layer" in result.reason
+        assert not d.caches["layers.0"].any()
+    finally:
+        p.stop()
+        d.stop()
+
+
+def test_cancel_reports_once_and_releases_consumer(pair, settings):
+    _, d = pair
+    # Never registered on P: the pull would wait; the abort ends it at once.
+    d.client.submit(pull("t1", [1], [2], settings.zmq_port, req="req-9"))
+    time.sleep(0.1)
+    d.client.cancel({"req-9"})
+    (result,) = wait_results(d.client)
+    assert result.cancelled and not result.ok
+    assert d.counters.take().data["transfers_cancelled"] == 1
+
+
+def test_malformed_pull_fails_at_once(pair, settings):
+    _, d = pair
+    d.client.submit(pull("t1", [], [4, 5], settings.zmq_port))
+    (result,) = wait_results(d.client, timeout=2)
+    assert not result.ok and not result.cancelled and result.local_block_ids == (4, 5)
+
+
+def test_notice_counts_a_consumer(pair, settings):
+    p, d = pair
+    p.registry.register(SendSpec("t1", "p-req", (1, 2), consumers=2))
+    d.client.notice(Notice("t1", "127.0.0.1", settings.zmq_port, "d/a"))
+    d.client.notice(Notice("t1", "127.0.0.1", settings.zmq_port, "d/b"))
+    deadline, finished = time.monotonic() + 5, set()
+    while not finished and time.monotonic() < deadline:
+        finished = p.registry.take_finished()
+        time.sleep(0.01)
+    assert finished == {"p-req"}
+
+
+def test_concurrent_pulls_from_two_consumers(pair, settings):
+    p, d = pair
+    p.registry.register(SendSpec("t1", "p-req", (1, 2, 3), consumers=2))
+    d.client.submit(pull("t1", [1, 2, 3], [4, 5, 6], settings.zmq_port, key="d/a", req="a"))
+    d.client.submit(pull("t1", [1, 2, 3], [7, 8, 9], settings.zmq_port, key="d/b", req="b"))
+    results = wait_results(d.client, count=2)
+    assert all(r.ok for r in results)
+    assert torch.equal(d.caches["layers.1"][5], d.caches["layers.1"][8])
+    assert torch.equal(d.caches["layers.1"][5], p.caches["layers.1"][2])
+
+
+def test_staging_pool_is_bounded():
+    import zmq
+
+    pool = StagingPool(buf_bytes=1024, max_bytes=2048)
+
+    class Tracker:
+        def __init__(self):
+            self.done = False
+
+        def wait(self, timeout):
+            raise zmq.NotDone
+
+    t1, t2 = Tracker(), Tracker()
+    b1 = pool.acquire(1000, timeout=0.1)
+    pool.track(b1, t1)
+    b2 = pool.acquire(1000, timeout=0.1)
+    pool.track(b2, t2)
+    assert pool.acquire(1000, timeout=0.05) is None  # both on the wire
+    t1.done = True
+    b3 = pool.acquire(1000, timeout=0.05)
+    assert b3 is b1  # reused, not reallocated
