@@ -120,3 +120,13 @@ def cluster(model_dir: Path, log_dir: Path):
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def victim(model_dir: Path, log_dir: Path):
+    """A P that tests kill (SIGKILL, as a crash). Autouse and session-scoped so that it is
+    started (not waited for) before the shared cluster and boots alongside it; a test
+    that finds it dead restarts it."""
+    proc = pd_server("victim-p", model_dir, log_dir).start()
+    yield proc
+    proc.stop()

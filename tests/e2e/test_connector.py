@@ -25,7 +25,6 @@ import httpx
 import pytest
 
 from devkit import servers
-from tests.e2e.conftest import pd_server
 
 BLOCK = 128  # vLLM CPU block size
 N = 12  # tokens each test generates
@@ -66,15 +65,6 @@ WORDS = [
     "東京",
     "🙂",
 ]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def victim(model_dir, log_dir):
-    """A P that the last test kills. Autouse and session-scoped so that it is started
-    (not waited for) before the shared cluster and boots alongside it."""
-    proc = pd_server("victim-p", model_dir, log_dir).start()
-    yield proc
-    proc.stop()
 
 
 # ---------------------------------------------------------------- helpers

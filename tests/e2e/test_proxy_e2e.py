@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+import time
+import uuid
 
 import httpx
 import pytest
@@ -188,7 +190,8 @@ def test_concurrent_requests(cluster, proxy):
 
 def test_kv_moved_and_was_used(cluster, proxy):
     """D loads the prompt's KV from P and computes only the tail: fails if D recomputes."""
-    prompt = PROMPTS[-1]  # a few hundred tokens: several blocks
+    # A few hundred tokens (several blocks), never seen before: no prefix-cache hit on D.
+    prompt = f"Request {uuid.uuid4().hex}: " + PROMPTS[-1]
     external_before = metric(cluster.d1.url, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
     local_before = metric(cluster.d1.url, "vllm:prompt_tokens_by_source_total", source="local_compute")
     p_prompt_before = metric(cluster.p1.url, "vllm:prompt_tokens_total")
@@ -201,8 +204,6 @@ def test_kv_moved_and_was_used(cluster, proxy):
         external = metric(cluster.d1.url, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer") - external_before
         if external:
             break
-        import time
-
         time.sleep(0.2)
     local = metric(cluster.d1.url, "vllm:prompt_tokens_by_source_total", source="local_compute") - local_before
     assert external >= prompt_tokens - 1, (external, local)
@@ -232,8 +233,6 @@ def test_ready_reports_a_passed_canary(proxy):
         response = httpx.get(proxy.url + "/ready", timeout=10)
         if response.status_code == 200:
             break
-        import time
-
         time.sleep(1)
     assert response.json() == {"ready": True}
 
