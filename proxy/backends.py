@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from .http import HTTPPool
 from .settings import Settings
 
 PREFILL = "prefill"
@@ -94,10 +95,21 @@ def make_client(settings: Settings, role: str) -> httpx.AsyncClient:
 
 
 class Registry:
-    """All instances by URL, and the two pools that reference them."""
+    """All instances by URL, the two pools that reference them, and the HTTP clients:
+    ``http`` carries the legs (the hot path); each pool's httpx client carries the rest
+    (health checks, pass-through routes, KV releases)."""
 
     def __init__(self, settings: Settings) -> None:
         self._by_url: dict[str, Instance] = {}
+        default_headers = {"user-agent": "pdproxy"}
+        if settings.backend_api_key:
+            default_headers["authorization"] = f"Bearer {settings.backend_api_key}"
+        self.http = HTTPPool(
+            connect_timeout=settings.connect_timeout,
+            max_per_origin=settings.max_connections,
+            max_idle_per_origin=settings.max_keepalive,
+            default_headers=default_headers,
+        )
         self.prefill = Pool(PREFILL, [], make_client(settings, PREFILL))
         self.decode = Pool(DECODE, [], make_client(settings, DECODE))
         self.set_pool_urls(PREFILL, settings.prefill_urls)
@@ -127,5 +139,6 @@ class Registry:
         return list(self._by_url.values())
 
     async def aclose(self) -> None:
+        self.http.close()
         await self.prefill.client.aclose()
         await self.decode.client.aclose()

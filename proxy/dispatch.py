@@ -68,7 +68,7 @@ class Dispatcher:
             try:
                 with Occupied(inst, PREFILL, plan.estimated_tokens):
                     raw = await call_json(
-                        pool.client, inst, PREFILL, PATHS[plan.kind], body, leg_headers, self.settings.prefill_timeout
+                        self.registry.http, inst, PREFILL, PATHS[plan.kind], body, leg_headers, self.settings.prefill_timeout
                     )
             except LegError as error:
                 record.trace.end_leg(PREFILL, error.message)
@@ -139,7 +139,7 @@ class Dispatcher:
         try:
             answer = await self.on_decode_instances(
                 record,
-                lambda pool, inst, h: call_json(pool.client, inst, DECODE, path, body, h, max(deadline - loop.time(), 0.001)),
+                lambda pool, inst, h: call_json(self.registry.http, inst, DECODE, path, body, h, max(deadline - loop.time(), 0.001)),
                 headers,
                 plan.estimated_tokens,
             )
@@ -164,7 +164,7 @@ class Dispatcher:
 
         async def attempt(pool: Pool, inst: Instance, leg_headers: dict[str, str]) -> tuple[EventStream, Instance]:
             stream = await EventStream.open(
-                pool.client, inst, DECODE, path, body, leg_headers,
+                self.registry.http, inst, DECODE, path, body, leg_headers,
                 first_byte_timeout=settings.first_byte_timeout,
                 idle_timeout=settings.idle_timeout,
                 deadline=deadline,

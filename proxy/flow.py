@@ -96,6 +96,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def read_json(request: Request, limit: int) -> Any:
     body = await read_body(request, limit)
     try:
+        # The stdlib, not orjson: a client's integers must pass on exactly, and orjson
+        # turns integers beyond 64 bits into floats.
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProxyError(400, f"request body is not valid JSON: {exc}") from exc
@@ -221,7 +223,7 @@ class Gateway:
             request,
             self.dispatch.on_decode_instances(
                 record,
-                lambda pool, inst, h: call_json(pool.client, inst, DECODE, path, plan.body, h, max(deadline - loop.time(), 0.001)),
+                lambda pool, inst, h: call_json(self.registry.http, inst, DECODE, path, plan.body, h, max(deadline - loop.time(), 0.001)),
                 backend_headers,
                 plan.estimated_tokens,
             ),

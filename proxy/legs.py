@@ -1,4 +1,4 @@
-"""HTTP calls to one backend: a JSON call, and an SSE stream, each with deadlines.
+"""Calls to one backend: a JSON call, and an SSE stream, each with deadlines.
 
 Every failure becomes a ``ProxyError`` naming the leg and the backend, with a status a
 client can act on: a backend's own 4xx passes through with its message; an unreachable
@@ -9,15 +9,14 @@ instance may be tried (never for a client's own mistake).
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-
 from .backends import Instance
 from .errors import ProxyError, error_body
+from .http import HTTPError, HTTPPool, Response
+from .jsonutil import dumps, loads
 from .sse import DONE, SSEParser, SSEProtocolError
 
 MAX_ERROR_BODY = 64 * 1024
@@ -34,7 +33,7 @@ class LegError(ProxyError):
 def _backend_error(leg: str, inst: Instance, status: int, raw: bytes) -> LegError:
     """Turn a backend's non-200 answer into the error the client gets."""
     try:
-        body = json.loads(raw)
+        body = loads(raw)
         message = body["error"]["message"] if isinstance(body.get("error"), dict) else body.get("message")
     except (ValueError, KeyError, TypeError, AttributeError):
         body, message = None, None
@@ -53,16 +52,16 @@ def _backend_error(leg: str, inst: Instance, status: int, raw: bytes) -> LegErro
 
 
 def _transport_error(leg: str, inst: Instance, exc: Exception, timeout: float | None = None) -> LegError:
-    if isinstance(exc, (TimeoutError, httpx.TimeoutException)) and not isinstance(exc, httpx.ConnectTimeout):
+    if isinstance(exc, TimeoutError):
         limit = f" within {timeout:g}s" if timeout else ""
         return LegError(504, f"{leg} backend {inst.url} did not answer{limit}", leg=leg, retryable=True)
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+    if isinstance(exc, HTTPError) and exc.connect:
         return LegError(502, f"{leg} backend {inst.url} is unreachable: {exc}", leg=leg, retryable=True)
     return LegError(502, f"{leg} backend {inst.url} failed: {type(exc).__name__}: {exc}", leg=leg, retryable=True)
 
 
 async def call_json(
-    client: httpx.AsyncClient,
+    pool: HTTPPool,
     inst: Instance,
     leg: str,
     path: str,
@@ -71,24 +70,28 @@ async def call_json(
     timeout: float,
 ) -> dict[str, Any]:
     """POST a JSON body and return the backend's JSON answer."""
+    response: Response | None = None
     try:
         async with asyncio.timeout(timeout):
-            response = await client.post(
-                inst.url + path,
-                content=json.dumps(body).encode(),
-                headers={**headers, "content-type": "application/json"},
-            )
-    except (TimeoutError, httpx.HTTPError) as exc:
+            response = await pool.request(inst.url, "POST", path, dumps(body), {**headers, **JSON})
+            raw = await response.body()
+    except (TimeoutError, HTTPError) as exc:
         raise _transport_error(leg, inst, exc, timeout) from exc
-    if response.status_code != 200:
-        raise _backend_error(leg, inst, response.status_code, response.content[:MAX_ERROR_BODY])
+    finally:
+        if response is not None:
+            response.close()
+    if response.status != 200:
+        raise _backend_error(leg, inst, response.status, raw[:MAX_ERROR_BODY])
     try:
-        answer = response.json()
+        answer = loads(raw)
     except ValueError as exc:
         raise LegError(502, f"{leg} backend {inst.url} sent invalid JSON", leg=leg, retryable=True) from exc
     if not isinstance(answer, dict):
         raise LegError(502, f"{leg} backend {inst.url} sent an unexpected answer", leg=leg, retryable=True)
     return answer
+
+
+JSON = {"content-type": "application/json"}
 
 
 class EventStream:
@@ -106,8 +109,7 @@ class EventStream:
         self.idle_timeout = idle_timeout
         self.deadline = deadline  # loop time by which the whole request must be done
         self.done_seen = False
-        self._response: httpx.Response | None = None
-        self._raw: AsyncIterator[bytes] | None = None
+        self._response: Response | None = None
         self._parser = SSEParser()
         self._pending: deque[bytes] = deque()
         self._closed = False
@@ -115,7 +117,7 @@ class EventStream:
     @classmethod
     async def open(
         cls,
-        client: httpx.AsyncClient,
+        pool: HTTPPool,
         inst: Instance,
         leg: str,
         path: str,
@@ -127,58 +129,44 @@ class EventStream:
         deadline: float,
     ) -> "EventStream":
         stream = cls(leg, inst, idle_timeout, deadline)
-        request = client.build_request(
-            "POST",
-            inst.url + path,
-            content=json.dumps(body).encode(),
-            headers={**headers, "content-type": "application/json", "accept": "text/event-stream"},
-        )
         try:
             async with asyncio.timeout(first_byte_timeout):
-                stream._response = await client.send(request, stream=True)
-                if stream._response.status_code != 200:
-                    raw = await stream._read_limited()
-                    raise _backend_error(leg, inst, stream._response.status_code, raw)
-                stream._raw = stream._response.aiter_raw()
+                stream._response = await pool.request(
+                    inst.url, "POST", path, dumps(body), {**headers, **JSON, "accept": "text/event-stream"}
+                )
+                if stream._response.status != 200:
+                    raw = await stream._response.body(MAX_ERROR_BODY)
+                    raise _backend_error(leg, inst, stream._response.status, raw)
                 first = await stream._next_event()
         except LegError:
-            await stream.aclose()
+            stream.close()
             raise
-        except (TimeoutError, httpx.HTTPError, SSEProtocolError) as exc:
-            await stream.aclose()
+        except (TimeoutError, HTTPError, SSEProtocolError) as exc:
+            stream.close()
             raise _transport_error(leg, inst, exc, first_byte_timeout) from exc
         except BaseException:
-            await stream.aclose()
+            stream.close()
             raise
         if first is not None:
             stream._pending.appendleft(first)
         return stream
 
-    async def _read_limited(self) -> bytes:
-        assert self._response is not None
-        data = bytearray()
-        async for piece in self._response.aiter_raw():
-            data += piece
-            if len(data) >= MAX_ERROR_BODY:
-                break
-        return bytes(data)
-
     async def _next_event(self) -> bytes | None:
         """The next event's data, None at the end of the stream (or after [DONE])."""
-        assert self._raw is not None
+        assert self._response is not None
+        pending = self._pending
         while True:
-            if self._pending:
-                data = self._pending.popleft()
+            if pending:
+                data = pending.popleft()
             else:
-                try:
-                    piece = await self._raw.__anext__()
-                except StopAsyncIteration:
+                piece = await self._response.read()
+                if piece is None:
                     tail = self._parser.close()
                     if tail is None:
                         return None
                     data = tail
                 else:
-                    self._pending.extend(self._parser.feed(piece))
+                    pending.extend(self._parser.feed(piece))
                     continue
             if data == DONE:
                 self.done_seen = True
@@ -199,18 +187,21 @@ class EventStream:
                     raise LegError(
                         504, f"{self.leg} backend {self.inst.url} went silent for {wait:g}s", leg=self.leg
                     ) from exc
-                except (httpx.HTTPError, SSEProtocolError) as exc:
+                except (HTTPError, SSEProtocolError) as exc:
                     raise _transport_error(self.leg, self.inst, exc) from exc
                 if data is None:
                     return
                 yield data
         finally:
-            await self.aclose()
+            self.close()
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Done with the stream; closing it mid-way makes vLLM abort the request."""
         if self._closed:
             return
         self._closed = True
         if self._response is not None:
-            # Closing the connection mid-stream makes vLLM abort the request.
-            await self._response.aclose()
+            self._response.close()
+
+    async def aclose(self) -> None:
+        self.close()

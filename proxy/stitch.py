@@ -18,18 +18,13 @@ The non-streaming merges at the bottom do the same for whole responses.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ProxyError
+from .jsonutil import dumps, loads
 from .plan import CHAT, Plan
 from .sse import event
-
-
-def dumps(obj: Any) -> bytes:
-    """Compact UTF-8 JSON, the way vLLM's pydantic models serialise."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @dataclass
@@ -114,7 +109,7 @@ def merged_usage(p: PrefillResult, decode_usage: dict[str, Any] | None, extra_to
 def load_event(data: bytes, leg: str = "decode") -> dict[str, Any]:
     """Parse one backend stream event; a malformed one or an error event raises ProxyError."""
     try:
-        chunk = json.loads(data)
+        chunk = loads(data)
     except ValueError as exc:
         raise ProxyError(502, f"{leg} backend sent an invalid stream event", leg=leg) from exc
     if not isinstance(chunk, dict):

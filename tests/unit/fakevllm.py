@@ -1,4 +1,4 @@
-"""A small deterministic stand-in for vLLM's OpenAI server, for respx-mocked proxy tests.
+"""A small deterministic stand-in for vLLM's OpenAI server, for the proxy's tests.
 
 Its "model" picks each next token from the whole context, so a request continued from
 prompt + first token yields exactly the tokens the uninterrupted request would: the
@@ -42,8 +42,28 @@ class FakeVLLM:
     fail_status: int | None = None  # answer every call with this status
     fail_times: int = 0  # ...or only the next N calls
     eos_at: int | None = None  # emit EOS (token 2) once the context holds this many tokens
+    port: int = 0  # where it is served (its kv_transfer_params point back here)
+    override: Any = None  # a handler that replaces generation (tests of odd backends)
+    routes: dict[str, Any] = field(default_factory=dict)  # other paths -> handler
+    releases: list[str] = field(default_factory=list)  # transfer ids released via /pd/release
 
-    def handler(self, request: httpx.Request) -> httpx.Response:
+    def handler(self, request: httpx.Request) -> Any:
+        path = request.url.path
+        if path == "/pd/release":
+            self.releases.append(json.loads(request.content)["transfer_id"])
+            return httpx.Response(200, json={"released": True})
+        if path in self.routes:
+            return self.routes[path](request)
+        if path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "m", "max_model_len": 4096}]})
+        if path == "/health":
+            return httpx.Response(200)
+        if self.override is not None:
+            self.calls.append({"path": path, "body": json.loads(request.content or b"{}"), "headers": dict(request.headers)})
+            return self.override(request)
+        return self.generation(request)
+
+    def generation(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         chat = request.url.path.endswith("/chat/completions")
         self.calls.append({"path": request.url.path, "body": body, "headers": dict(request.headers)})
@@ -65,7 +85,7 @@ class FakeVLLM:
         request_id = request.headers.get("x-request-id", f"r{next(_ids)}")
         kv = None
         if (body.get("kv_transfer_params") or {}).get("do_remote_decode"):
-            kv = {"do_remote_prefill": True, "transfer_id": f"t-{request_id}", "remote_host": "p-host", "control_port": 5599}
+            kv = {"do_remote_prefill": True, "transfer_id": f"t-{request_id}", "remote_host": "127.0.0.1", "control_port": self.port}
         if body.get("stream"):
             return self.stream(body, chat, request_id, prompt, tokens, texts, finish, stop_reason)
         return httpx.Response(200, json=self.whole(body, chat, request_id, prompt, tokens, texts, finish, stop_reason, kv))

@@ -61,13 +61,13 @@ async def test_large_bodies_are_413_without_reading_them_whole():
 async def test_concurrency_limit_is_429_with_retry_after():
     async with harness(max_concurrent_requests=1) as h:
         gate = asyncio.Event()
-        original = h.backends["p1"].handler
+        original = h.backends["p1"].generation
 
         async def slow(request):
             await gate.wait()
             return original(request)
 
-        h.mock.post(url__startswith="http://p1/v1/").mock(side_effect=slow)
+        h.backends["p1"].override = slow
         first = asyncio.create_task(h.client.post("/v1/completions", json=COMPLETION))
         await asyncio.sleep(0.1)
         second = await h.client.post("/v1/completions", json=COMPLETION)
@@ -112,8 +112,7 @@ def test_any_decode_stream_becomes_a_clean_client_stream(pieces, data, path):
 
 async def _check_stream(path, parts):
     async with harness() as h:
-        h.mock.post("http://d1/v1/completions").mock(side_effect=lambda request: httpx.Response(200, content=iter(parts), headers={"content-type": "text/event-stream"}))
-        h.mock.post("http://d1/v1/chat/completions").mock(side_effect=lambda request: httpx.Response(200, content=iter(parts), headers={"content-type": "text/event-stream"}))
+        h.backends["d1"].override = lambda request: httpx.Response(200, content=iter(parts), headers={"content-type": "text/event-stream"})
         body = {**COMPLETION, "stream": True} if "chat" not in path else {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True}
         for extra in ({}, {"n": 2, "temperature": 0.5}):  # stitched and decode mode
             response = await asyncio.wait_for(h.client.post(path, json={**body, **extra}), 10)

@@ -66,20 +66,21 @@ async def test_admin_api_adds_drains_and_removes():
         auth = {"authorization": "Bearer sekret"}
         assert (await h.client.get("/admin/instances", headers={"authorization": "Bearer client-key"})).status_code == 401
         listing = (await h.client.get("/admin/instances", headers=auth)).json()
-        assert {i["url"] for i in listing["decode"]} == {"http://d1", "http://d2"}
+        d1, d2 = h.url("d1"), h.url("d2")
+        assert {i["url"] for i in listing["decode"]} == {d1, d2}
         # Drain d2: everything goes to d1.
-        r = await h.client.post("/admin/instances/drain", json={"role": "decode", "url": "http://d2"}, headers=auth)
+        r = await h.client.post("/admin/instances/drain", json={"role": "decode", "url": d2}, headers=auth)
         assert r.status_code == 200
         client_auth = {"authorization": "Bearer client-key"}
         for _ in range(4):
             assert (await h.client.post("/v1/completions", json=COMPLETION, headers=client_auth)).status_code == 200
         assert h.backends["d2"].calls == []
         # Remove d1 and add d3 (not mocked: unreachable) -> the request fails over to nothing but d3.
-        r = await h.client.request("DELETE", "/admin/instances", json={"role": "decode", "url": "http://d1"}, headers=auth)
+        r = await h.client.request("DELETE", "/admin/instances", json={"role": "decode", "url": d1}, headers=auth)
         assert r.status_code == 200
         r = await h.client.post("/admin/instances", json={"role": "decode", "url": "http://d3:9"}, headers=auth)
         assert r.status_code == 200
         listing = (await h.client.get("/admin/instances", headers=auth)).json()
-        assert [i["url"] for i in listing["decode"]] == ["http://d2", "http://d3:9"]
+        assert [i["url"] for i in listing["decode"]] == [d2, "http://d3:9"]
         bad = await h.client.post("/admin/instances", json={"role": "decode", "url": "ftp://x"}, headers=auth)
         assert bad.status_code == 400
