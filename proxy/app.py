@@ -15,6 +15,7 @@ import httpx
 from fastapi import FastAPI, Request
 from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from . import admin
 from .backends import Registry
@@ -51,15 +52,56 @@ _HOP_HEADERS = {
 PASSTHROUGH_PATHS = ("tokenize", "detokenize", "version", "pooling", "classify", "score", "rerank", "invocations")
 
 
-def create_app(settings: Settings, *, monitor: bool = True, tracing: Tracing | None = None) -> FastAPI:
+class ProxyApp:
+    """The ASGI application: the front door (``Guard``), then a direct path for the two
+    generation endpoints, then FastAPI for everything else.
+
+    The generation endpoints carry one ASGI message per streamed token, so they skip
+    FastAPI's routing and Starlette's per-message middleware wrappers; FastAPI still
+    declares them (the OpenAPI schema) and serves the rest.
+    """
+
+    def __init__(self, api: FastAPI, settings: Settings) -> None:
+        self.api = api
+        self._guarded = Guard(self._route, settings)
+
+    @property
+    def state(self):
+        return self.api.state
+
+    @property
+    def router(self):
+        return self.api.router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._guarded(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = GENERATION.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if kind is None:
+            await self.api(scope, receive, send)
+            return
+        try:
+            response = await self.api.state.gateway.generate(Request(scope, receive), kind)
+        except Exception:  # noqa: BLE001 - a bug must still answer in OpenAI's shape
+            log.exception("unexpected error serving %s", scope["path"])
+            response = ProxyError(500, "internal error in the proxy").to_response()
+        await response(scope, receive, send)
+
+
+GENERATION = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT}
+
+
+def create_app(settings: Settings, *, monitor: bool = True, tracing: Tracing | None = None) -> ProxyApp:
     """The proxy app. ``monitor=False`` (tests) skips the background health checks;
     ``tracing`` replaces the one built from the settings (tests pass an in-memory one)."""
     tracing = tracing or Tracing(settings.otel_endpoint)
+    proxy_app: ProxyApp
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = Registry(settings)
         gateway = Gateway(settings, registry, tracing)
-        canary_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pdproxy")
+        canary_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy_app), base_url="http://pdproxy")
         health = HealthMonitor(settings, registry, lambda: _canary(canary_client, registry))
         membership = Membership(settings, registry)
         app.state.registry, app.state.gateway, app.state.monitor = registry, gateway, health
@@ -80,13 +122,13 @@ def create_app(settings: Settings, *, monitor: bool = True, tracing: Tracing | N
             await registry.aclose()
 
     app = FastAPI(title="pdproxy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(Guard, settings=settings)
     app.include_router(admin.router)
 
     @app.exception_handler(ProxyError)
     async def _proxy_error(request: Request, error: ProxyError) -> Response:
         return error.to_response()
 
+    # Served by ProxyApp before FastAPI is reached; declared here for the OpenAPI schema.
     @app.post("/v1/completions", openapi_extra=request_body(COMPLETION_REQUEST))
     async def completions(request: Request) -> Response:
         return await request.app.state.gateway.generate(request, COMPLETIONS)
@@ -129,7 +171,8 @@ def create_app(settings: Settings, *, monitor: bool = True, tracing: Tracing | N
     for name in PASSTHROUGH_PATHS:
         app.add_api_route(f"/{name}", _make_passthrough(f"/{name}"), methods=["GET", "POST"], include_in_schema=False)
 
-    return app
+    proxy_app = ProxyApp(app, settings)
+    return proxy_app
 
 
 def _make_passthrough(path: str):

@@ -194,19 +194,18 @@ class Dispatcher:
         if not (host and port and transfer_id):
             return
         host = f"[{host}]" if ":" in str(host) and not str(host).startswith("[") else str(host)
-        url = f"http://{host}:{int(port)}/pd/release"
-        self.background(self._post_release(url, str(transfer_id)))
+        self.background(self._post_release(f"http://{host}:{int(port)}", str(transfer_id)))
 
-    async def _post_release(self, url: str, transfer_id: str) -> None:
+    async def _post_release(self, base_url: str, transfer_id: str) -> None:
         try:
-            response = await self.registry.prefill.client.post(
-                url, json={"transfer_id": transfer_id}, timeout=self.settings.kv_release_timeout
-            )
-            released = response.status_code == 200 and bool(response.json().get("released"))
-            KV_RELEASES.labels("released" if released else "not_held").inc()
-        except Exception as exc:  # noqa: BLE001 - the lease frees the blocks anyway
+            answer = await call_json(
+                self.registry.http, Instance(base_url), "release", "/pd/release",
+                {"transfer_id": transfer_id}, {}, self.settings.kv_release_timeout,
+            )  # fmt: skip
+            KV_RELEASES.labels("released" if answer.get("released") else "not_held").inc()
+        except ProxyError as exc:  # the lease frees the blocks anyway
             KV_RELEASES.labels("failed").inc()
-            log.warning("could not release KV %s at %s: %s", transfer_id, url, exc)
+            log.warning("could not release KV %s at %s: %s", transfer_id, base_url, exc.message)
 
     def background(self, work: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(work)

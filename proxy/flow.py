@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
@@ -246,8 +246,7 @@ class Gateway:
             "server-timing": ", ".join(f"{name};dur={phases[name] * 1000:.2f}" for name in ("prefill", "handoff", "decode", "proxy")),
         }
         if plan.stream and not already_final:
-            events = as_stream(plan, answer) + [DONE_EVENT]
-            return EventStreamResponse(iter(events), headers=headers)
+            return EventStreamResponse(_replay(as_stream(plan, answer) + [DONE_EVENT]), headers=headers)
         return JSONResponse(answer, headers=headers)
 
     def _error_response(self, error: ProxyError, record: RequestRecord, headers: dict[str, str]) -> Response:
@@ -269,3 +268,8 @@ class Gateway:
             if value:
                 headers[name] = value
         return headers
+
+
+async def _replay(events: list[bytes]) -> AsyncIterator[bytes]:
+    """Events already in hand, as an async body (a sync one would cost a thread hop)."""
+    yield b"".join(events)

@@ -191,20 +191,33 @@ class Response:
         """The next piece of the body; None at its end."""
         while True:
             if self._pieces:
-                piece = self._pieces.popleft()
-                self._buffered -= len(piece)
-                if self._buffered <= _HIGH_WATER // 2 and self._conn.transport is not None:
-                    self._conn.transport.resume_reading()
-                return piece
+                return self._take()
             if self._exc is not None:
                 raise self._exc
             if self.complete:
                 return None
-            self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await self._waiter
+                await waiter
             finally:
                 self._waiter = None
+
+    def interrupt(self, exc: BaseException) -> None:
+        """Make a waiting ``read`` raise ``exc`` (a watchdog's deadline)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def read_nowait(self) -> bytes | None:
+        """A piece already received, if any (never waits)."""
+        return self._take() if self._pieces else None
+
+    def _take(self) -> bytes:
+        piece = self._pieces.popleft()
+        self._buffered -= len(piece)
+        if self._buffered <= _HIGH_WATER // 2 and self._conn.transport is not None:
+            self._conn.transport.resume_reading()
+        return piece
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while (piece := await self.read()) is not None:

@@ -9,7 +9,6 @@ instance may be tried (never for a client's own mistake).
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +19,14 @@ from .jsonutil import dumps, loads
 from .sse import DONE, SSEParser, SSEProtocolError
 
 MAX_ERROR_BODY = 64 * 1024
+
+
+class _Silent(Exception):
+    """Raised into a read by the stream's watchdog."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class LegError(ProxyError):
@@ -98,9 +105,10 @@ class EventStream:
     """An SSE stream from a backend, opened until its first event (or failure).
 
     ``open`` returns only once the first event is in hand, so a backend that fails
-    before its first byte can still be replaced by another one. Iteration yields each
-    event's data (bytes) and stops at ``[DONE]``; ``done_seen`` tells whether the
-    backend ended the stream properly.
+    before its first byte can still be replaced by another one. ``batches`` yields the
+    data of the events that have arrived, several at once when the backend is ahead of
+    us (so they can be forwarded in one write), and stops at ``[DONE]``; ``done_seen``
+    tells whether the backend ended the stream properly.
     """
 
     def __init__(self, leg: str, inst: Instance, idle_timeout: float, deadline: float) -> None:
@@ -111,8 +119,11 @@ class EventStream:
         self.done_seen = False
         self._response: Response | None = None
         self._parser = SSEParser()
-        self._pending: deque[bytes] = deque()
+        self._first: list[bytes] | None = None
         self._closed = False
+        # One watchdog timer per stream, re-armed lazily: cheaper than a timer per read.
+        self._last_event = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
 
     @classmethod
     async def open(
@@ -137,7 +148,7 @@ class EventStream:
                 if stream._response.status != 200:
                     raw = await stream._response.body(MAX_ERROR_BODY)
                     raise _backend_error(leg, inst, stream._response.status, raw)
-                first = await stream._next_event()
+                stream._first = await stream._next_batch()
         except LegError:
             stream.close()
             raise
@@ -147,59 +158,80 @@ class EventStream:
         except BaseException:
             stream.close()
             raise
-        if first is not None:
-            stream._pending.appendleft(first)
         return stream
 
-    async def _next_event(self) -> bytes | None:
-        """The next event's data, None at the end of the stream (or after [DONE])."""
+    async def _next_batch(self) -> list[bytes] | None:
+        """Events received so far (waiting for at least one); None at the end."""
         assert self._response is not None
-        pending = self._pending
+        if self.done_seen:
+            return None
+        response = self._response
         while True:
-            if pending:
-                data = pending.popleft()
-            else:
-                piece = await self._response.read()
-                if piece is None:
-                    tail = self._parser.close()
-                    if tail is None:
-                        return None
-                    data = tail
-                else:
-                    pending.extend(self._parser.feed(piece))
-                    continue
+            piece = await response.read()
+            if piece is None:
+                tail = self._parser.close()
+                return self._until_done([tail]) if tail is not None else None
+            events = self._parser.feed(piece)
+            while (more := response.read_nowait()) is not None:  # already here: same batch
+                events += self._parser.feed(more)
+            if events:
+                return self._until_done(events)
+
+    def _until_done(self, events: list[bytes]) -> list[bytes] | None:
+        for index, data in enumerate(events):
             if data == DONE:
                 self.done_seen = True
-                return None
-            return data
+                return events[:index] or None
+        return events
 
-    async def events(self) -> AsyncIterator[bytes]:
+    async def batches(self) -> AsyncIterator[list[bytes]]:
         loop = asyncio.get_running_loop()
+        self._last_event = loop.time()
+        self._watchdog = loop.call_at(self._next_due(), self._watch)
         try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                yield first
             while True:
-                wait = min(self.idle_timeout, self.deadline - loop.time())
-                if wait <= 0:
-                    raise LegError(504, f"{self.leg} backend {self.inst.url}: request took too long", leg=self.leg)
                 try:
-                    async with asyncio.timeout(wait):
-                        data = await self._next_event()
-                except TimeoutError as exc:
-                    raise LegError(
-                        504, f"{self.leg} backend {self.inst.url} went silent for {wait:g}s", leg=self.leg
-                    ) from exc
+                    batch = await self._next_batch()
+                except _Silent as silent:
+                    raise LegError(504, silent.message, leg=self.leg) from None
                 except (HTTPError, SSEProtocolError) as exc:
                     raise _transport_error(self.leg, self.inst, exc) from exc
-                if data is None:
+                if batch is None:
                     return
-                yield data
+                self._last_event = loop.time()
+                yield batch
         finally:
             self.close()
+
+    def _next_due(self) -> float:
+        return min(self._last_event + self.idle_timeout, self.deadline)
+
+    def _watch(self) -> None:
+        """The watchdog: interrupt a read that waited past the idle or total deadline."""
+        self._watchdog = None
+        if self._closed or self._response is None:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._next_due()
+        if loop.time() < due:
+            self._watchdog = loop.call_at(due, self._watch)
+            return
+        if due >= self.deadline:
+            message = f"{self.leg} backend {self.inst.url}: request took too long"
+        else:
+            message = f"{self.leg} backend {self.inst.url} went silent for {self.idle_timeout:g}s"
+        self._response.interrupt(_Silent(message))
 
     def close(self) -> None:
         """Done with the stream; closing it mid-way makes vLLM abort the request."""
         if self._closed:
             return
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._response is not None:
             self._response.close()
 

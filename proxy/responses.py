@@ -30,10 +30,17 @@ class EventStreamResponse(StreamingResponse):
                         pass  # the client went away mid-send
                     group.cancel_scope.cancel()
 
-                group.start_soon(run_then_cancel, partial(self.stream_response, send))
+                group.start_soon(run_then_cancel, partial(self._stream, send))
                 await run_then_cancel(partial(self.listen_for_disconnect, receive))
         finally:
             if self.background is not None:
                 # Always, even when the client left before the body ever started.
                 with anyio.CancelScope(shield=True):
                     await self.background()
+
+    async def _stream(self, send: Send) -> None:
+        """Starlette's ``stream_response`` without its per-chunk checks: the body is bytes."""
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

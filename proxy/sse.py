@@ -7,8 +7,6 @@ size limit so a backend that never sends a newline cannot grow memory without bo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 DONE = b"[DONE]"
 DONE_EVENT = b"data: [DONE]\n\n"
 
@@ -30,11 +28,24 @@ class SSEParser:
         self._data_size = 0
         self._max = max_event_bytes
 
-    def feed(self, chunk: bytes) -> Iterator[bytes]:
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The data of every event completed by ``chunk``."""
         self._buffer += chunk
-        start = 0
         buffer = self._buffer
+        events: list[bytes] = []
+        start = 0
         while True:
+            if not self._data:
+                # Fast path: a whole "data: ...\n\n" event, the only framing vLLM sends.
+                end = buffer.find(b"\n\n", start)
+                if end >= 0 and buffer.startswith(b"data: ", start):
+                    block = bytes(buffer[start + 6 : end])
+                    if b"\n" not in block and b"\r" not in block:
+                        if len(block) > self._max:
+                            raise SSEProtocolError(f"stream event larger than {self._max} bytes")
+                        events.append(block)
+                        start = end + 2
+                        continue
             end = buffer.find(b"\n", start)
             if end < 0:
                 break
@@ -44,11 +55,12 @@ class SSEParser:
                 line = line[:-1]
             event = self._line(line)
             if event is not None:
-                yield event
+                events.append(event)
         if start:
             del buffer[:start]
         if len(buffer) > self._max:
             raise SSEProtocolError(f"stream line longer than {self._max} bytes")
+        return events
 
     def _line(self, line: bytes) -> bytes | None:
         if not line:

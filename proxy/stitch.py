@@ -193,18 +193,26 @@ class CompletionStitcher(_Writer):
 
     def rewrite(self, data: bytes) -> bytes | None:
         chunk = self._load(data)
-        chunk["id"], chunk["created"], chunk["model"] = self.id, self.created, self.model
         if _is_usage_chunk(chunk):
             self.decode_usage = chunk["usage"]
             return None  # re-emitted by closing(), with the client's numbers
+        # Most chunks need nothing changed: relay their bytes as they are.
+        changed = chunk.get("created") != self.created or chunk.get("id") != self.id or chunk.get("model") != self.model
         for choice in chunk.get("choices") or ():
-            _shift_offsets(choice.get("logprobs"), self.offset_base)
+            if choice.get("logprobs"):
+                _shift_offsets(choice["logprobs"], self.offset_base)
+                changed = True
             if choice.get("prompt_token_ids") is not None:
                 choice["prompt_token_ids"] = None  # D's prompt is P's prompt + P's token
+                changed = True
             if choice.get("finish_reason") is not None:
                 self.finish_reason = choice["finish_reason"]
         if chunk.get("usage") is not None:
             chunk["usage"] = merged_usage(self.p, chunk["usage"], self.extra_tokens)
+            changed = True
+        if not changed:
+            return event(data)
+        chunk["id"], chunk["created"], chunk["model"] = self.id, self.created, self.model
         return event(dumps(chunk))
 
     def closing(self) -> list[bytes]:

@@ -81,18 +81,20 @@ async def decode_stream(
             stream, inst = await asyncio.shield(opening)
             IN_FLIGHT.labels(inst.url, DECODE).inc()
             inst.acquire(plan.estimated_tokens)
+            itl = ITL.labels(record.endpoint)
+            rewrite = writer.rewrite
             last = time.perf_counter()
-            async for data in stream.events():
-                out = writer.rewrite(data)
-                if out is None:
+            async for batch in stream.batches():
+                out = [chunk for chunk in map(rewrite, batch) if chunk is not None]
+                if not out:
                     continue
                 now = time.perf_counter()
                 if record.first_token is None:
                     record.first_token = now
                 else:
-                    ITL.labels(record.endpoint).observe(now - last)
+                    itl.observe(now - last)
                 last = now
-                yield out
+                yield out[0] if len(out) == 1 else b"".join(out)
             if not stream.done_seen:
                 raise LegError(502, f"decode backend {inst.url} ended the stream early", leg=DECODE)
             for chunk in writer.closing():
@@ -127,10 +129,11 @@ async def relay_stream(stream: EventStream, inst: Instance, record: RequestRecor
     inst.acquire(tokens)
     try:
         try:
-            async for data in stream.events():
-                load_event(data)  # a malformed event becomes a clean error event
+            async for batch in stream.batches():
+                for data in batch:
+                    load_event(data)  # a malformed event becomes a clean error event
                 record.first_token = record.first_token or time.perf_counter()
-                yield b"data: " + data + b"\n\n"
+                yield b"".join(b"data: " + data + b"\n\n" for data in batch)
             if not stream.done_seen:
                 raise LegError(502, f"backend {inst.url} ended the stream early", leg=DECODE)
         except ProxyError as error:
