@@ -50,7 +50,9 @@ def _phase_sums(proxy_url: str) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", default=str(REPO / ".cache" / "tiny-llama"))
-    parser.add_argument("--prompt", default="Tell me about the river and the old mill.")
+    # (With this model and prompt, P's first token ends on a character boundary, so the
+    # answer is stitched: P's token at once, D continuing after it.)
+    parser.add_argument("--prompt", default="Describe the old mill by the river.")
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
 
@@ -101,16 +103,18 @@ def main() -> int:
                     pieces.append(choice.delta.content)
                     print(choice.delta.content, end="", flush=True)
         total = time.perf_counter() - t0
-        print("\n")
+        print("\n   (random weights: the text is noise; what matters is how it got here)\n")
         after_phases = _phase_sums(proxy.url)
         after_p, after_d = _stats(ports["p_ctl"]), _stats(ports["d_ctl"])
         phases = {k: (after_phases.get(k, 0.0) - before_phases.get(k, 0.0)) * 1000 for k in ("prefill", "handoff", "decode", "proxy")}
         moved = _total(after_d, "bytes_received") - _total(before_d, "bytes_received")
-        transfer_s = _total(after_d, "transfer_seconds") - _total(before_d, "transfer_seconds")
+        transfer_s = _total(after_d, "transfer_seconds_total") - _total(before_d, "transfer_seconds_total")
         print("== where the time went")
         print(f"   served as       {raw.headers.get('x-pdproxy-mode')}" + (f" ({raw.headers['x-pdproxy-fallback']})" if raw.headers.get("x-pdproxy-fallback") else ""))
         print(f"   prefill (P)     {phases['prefill']:8.1f} ms   prompt of {usage.prompt_tokens if usage else '?'} tokens, first token")
+        waited_s = _total(after_d, "kv_wait_seconds_total") - _total(before_d, "kv_wait_seconds_total")
         print(f"   KV transfer     {transfer_s * 1000:8.1f} ms   {moved / 1024:.1f} KiB pulled by D from P over ZeroMQ")
+        print(f"   D's KV wait     {waited_s * 1000:8.1f} ms   from D claiming the KV to D seeing it arrive")
         print(f"   hand-off        {phases['handoff']:8.1f} ms   P's answer to D's first byte (transfer + D's first step)")
         print(f"   decode (D)      {phases['decode']:8.1f} ms   {usage.completion_tokens if usage else '?'} tokens in all")
         print(f"   proxy itself    {phases['proxy']:8.1f} ms")
