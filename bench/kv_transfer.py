@@ -36,17 +36,36 @@ LAYERS, BLOCK_SHAPE, DTYPE = 8, (2, 16, 8, 128), torch.bfloat16
 BLOCK_BYTES = LAYERS * int(np.prod(BLOCK_SHAPE)) * 2
 
 
-def make_caches(num_blocks: int, seed: int | None) -> dict[str, torch.Tensor]:
+def make_caches(num_blocks: int, seed: int | None, device: str = "cpu") -> dict[str, torch.Tensor]:
     if seed is None:
         return {
-            f"layers.{i}": torch.zeros((num_blocks, *BLOCK_SHAPE), dtype=DTYPE)
+            f"layers.{i}": torch.zeros((num_blocks, *BLOCK_SHAPE), dtype=DTYPE, device=device)
             for i in range(LAYERS)
         }
     g = torch.Generator().manual_seed(seed)
     return {
-        f"layers.{i}": torch.randn((num_blocks, *BLOCK_SHAPE), generator=g).to(DTYPE)
+        f"layers.{i}": torch.randn((num_blocks, *BLOCK_SHAPE), generator=g).to(DTYPE).to(device)
         for i in range(LAYERS)
     }
+
+
+def copy_bandwidth(nbytes: int, repeats: int) -> dict[str, float]:
+    """The device<->host copy bandwidth (pinned host memory): the host path's floor on a GPU."""
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    out = {}
+    for name, dst, src in (("d2h_gbps", host, device), ("h2d_gbps", device, host)):
+        times = []
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        out[name] = nbytes / statistics.median(times[1:]) / 1e9
+    # A whole hop copies twice (D2H on P, H2D on D): its bandwidth bound.
+    out["d2h_then_h2d_gbps"] = 1 / (1 / out["d2h_gbps"] + 1 / out["h2d_gbps"])
+    return out
 
 
 def settings(port: int, chunk_bytes: int | None = None):
@@ -65,7 +84,7 @@ def settings(port: int, chunk_bytes: int | None = None):
     )
 
 
-def p_process(conn, zmq_port: int, tcp_port: int, num_blocks: int, chunk_bytes: int | None) -> None:
+def p_process(conn, zmq_port: int, tcp_port: int, num_blocks: int, chunk_bytes: int | None, device: str = "cpu") -> None:
     """The prefill side: serves pulls with the real server; feeds the raw TCP baseline."""
     from engine_ext.layout import BlockIO, KVLayout
     from engine_ext.leases import SendRegistry
@@ -73,7 +92,7 @@ def p_process(conn, zmq_port: int, tcp_port: int, num_blocks: int, chunk_bytes: 
     from engine_ext.stats import WorkerCounters
     from engine_ext.transport_host import HostServer
 
-    caches = make_caches(num_blocks, seed=1)
+    caches = make_caches(num_blocks, seed=1, device=device)
     layout = KVLayout.from_caches(caches, num_blocks, 1)
     registry = SendRegistry()
     server = HostServer(
@@ -131,7 +150,7 @@ def raw_tcp(conn, tcp_port: int, buf: bytearray, nbytes: int) -> float:
     return elapsed
 
 
-def run(sizes_mib: list[int], repeats: int, chunk_bytes: int | None = None) -> dict[str, Any]:
+def run(sizes_mib: list[int], repeats: int, chunk_bytes: int | None = None, device: str = "cpu") -> dict[str, Any]:
     from devkit.servers import free_port
     from engine_ext.layout import BlockIO, KVLayout
     from engine_ext.metadata import PullSpec
@@ -143,10 +162,10 @@ def run(sizes_mib: list[int], repeats: int, chunk_bytes: int | None = None) -> d
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(
-        target=p_process, args=(child, zmq_port, tcp_port, num_blocks, chunk_bytes), daemon=True
+        target=p_process, args=(child, zmq_port, tcp_port, num_blocks, chunk_bytes, device), daemon=True
     )
     proc.start()
-    caches = make_caches(num_blocks, seed=None)
+    caches = make_caches(num_blocks, seed=None, device=device)
     layout = KVLayout.from_caches(caches, num_blocks, 1)
     client = HostClient(
         settings(free_port(), chunk_bytes),
@@ -183,7 +202,7 @@ def run(sizes_mib: list[int], repeats: int, chunk_bytes: int | None = None) -> d
                         zmq_port,
                         tuple(remote),
                         tuple(local),
-                        {"device": "cpu"},
+                        {"device": device.split(":")[0]},
                         f"d/{tid}",
                     )
                 )
@@ -207,8 +226,12 @@ def run(sizes_mib: list[int], repeats: int, chunk_bytes: int | None = None) -> d
             if want != got:
                 raise RuntimeError("transferred block differs from the source")
             raw_med, ours_med = statistics.median(raw_s), statistics.median(ours_s)
+            extra = copy_bandwidth(nbytes, repeats) if device.startswith("cuda") else {}
+            if extra:
+                extra["ratio_to_copy"] = (nbytes / ours_med / 1e9) / extra["d2h_then_h2d_gbps"]
             results.append(
                 {
+                    **extra,
                     "size_mib": size,
                     "bytes": nbytes,
                     "blocks": n,
@@ -228,6 +251,7 @@ def run(sizes_mib: list[int], repeats: int, chunk_bytes: int | None = None) -> d
             proc.kill()
     return {
         "benchmark": "kv_transfer_host_path",
+        "device": device,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "layout": {
             "layers": LAYERS,
@@ -241,15 +265,21 @@ def run(sizes_mib: list[int], repeats: int, chunk_bytes: int | None = None) -> d
 
 
 def table(report: dict[str, Any]) -> str:
-    rows = [
-        "| payload | blocks | raw TCP GB/s | PD host path GB/s | ratio |",
-        "|---:|---:|---:|---:|---:|",
-    ]
+    cuda = report.get("device", "cpu").startswith("cuda")
+    head = "| payload | blocks | raw TCP GB/s | PD host path GB/s | ratio |"
+    rule = "|---:|---:|---:|---:|---:|"
+    if cuda:
+        head += " D2H GB/s | H2D GB/s | D2H+H2D GB/s | ratio to copies |"
+        rule += "---:|---:|---:|---:|"
+    rows = [head, rule]
     for r in report["results"]:
-        rows.append(
+        row = (
             f"| {r['size_mib']} MiB | {r['blocks']} | {r['raw_tcp_gbps']:.2f} | "
             f"{r['transport_gbps']:.2f} | {r['ratio']:.2f} |"
         )
+        if cuda:
+            row += f" {r['d2h_gbps']:.1f} | {r['h2d_gbps']:.1f} | {r['d2h_then_h2d_gbps']:.1f} | {r['ratio_to_copy']:.2f} |"
+        rows.append(row)
     return "\n".join(rows)
 
 
@@ -260,10 +290,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--chunk-mib", type=int, help="override chunk_bytes (MiB); default: the connector's"
     )
+    parser.add_argument("--device", default="cpu", help="where the KV caches live: cpu or cuda (the GPU host path)")
     parser.add_argument("--out", help="write the JSON report here")
     args = parser.parse_args(argv)
     chunk = args.chunk_mib * MiB if args.chunk_mib else None
-    report = run([int(s) for s in args.sizes.split(",")], args.repeats, chunk)
+    report = run([int(s) for s in args.sizes.split(",")], args.repeats, chunk, args.device)
     print(table(report))
     if args.out:
         with open(args.out, "w") as fh:
