@@ -65,8 +65,11 @@ class PDSettings:
         default=30.0,
     )
     connect_timeout_seconds: float = _doc(
-        "How long D tries to reach a P whose connection is refused or dropped (a dead "
-        "P) before failing the pull, instead of waiting out pull_timeout_seconds.",
+        "How long D keeps trying to reach a P that is gone before failing its pulls "
+        "(D then recomputes): a connection refused or never handshaken for this long, or "
+        "one lost (a killed P's kernel resets it; a frozen or vanished P stops answering "
+        "heartbeats for half of this) and not back within half of this. A P that is up "
+        "but slow to answer is waited for, up to pull_timeout_seconds.",
         default=5.0,
     )
     unknown_wait_seconds: float = _doc(
@@ -87,8 +90,10 @@ class PDSettings:
     )
     idle_step_sleep_ms: float = _doc(
         "An engine holding blocks or waiting for a pull keeps stepping with nothing "
-        "scheduled; sleep this long in such empty steps instead of spinning a core. "
-        "0 disables.",
+        "scheduled. Where the connector finds the engine's input queue, such a step "
+        "blocks until a transfer ends, a request arrives, a release or the next lease "
+        "expiry (10 s at most), so a holding engine does not spin a core; elsewhere (or "
+        "while other requests wait) it sleeps this long. 0 disables both.",
         default=2.0,
     )
 

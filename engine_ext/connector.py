@@ -60,7 +60,7 @@ class PDConnector(KVConnectorBase_V1):
         else:
             from engine_ext.worker_side import PDWorker
 
-            self.worker_side = PDWorker(vllm_config, kv_cache_config, settings)
+            self.worker_side = PDWorker(vllm_config, kv_cache_config, settings, engine_id)
 
     # ------------------------------------------------------------ scheduler side
 
@@ -89,6 +89,13 @@ class PDConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self.worker_side.register_kv_caches(kv_caches)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        # Apply the step's decisions now, before its forward pass: vLLM 0.32 starts
+        # asynchronous loads only after the forward (start_load_kv then finds them done).
+        if self.worker_side is not None and isinstance(connector_metadata, PDConnectorMetadata):
+            self.worker_side.start_load_kv(connector_metadata)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._connector_metadata
@@ -120,6 +127,7 @@ class PDConnector(KVConnectorBase_V1):
         return PDKVConnectorStats(data=dict(data or {}))
 
     def shutdown(self) -> None:
-        for side in (self.worker_side, self.scheduler_side):
-            if side is not None:
-                side.shutdown()
+        if self.worker_side is not None:
+            self.worker_side.close()
+        if self.scheduler_side is not None:
+            self.scheduler_side.shutdown()

@@ -17,11 +17,15 @@ Every entry leaves both tables on a bounded path: consumers done, release, or ex
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine_ext.metadata import SendSpec
+
+logger = logging.getLogger("vllm.pd.leases")
 
 
 @dataclass
@@ -74,6 +78,14 @@ class LeaseTable:
             self._to_release.extend(out)
         return out
 
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a lease not yet releasing (None if there is none)."""
+        with self._lock:
+            return min(
+                (lease.deadline for lease in self._by_tid.values() if not lease.releasing),
+                default=None,
+            )
+
     def take_releases(self) -> list[str]:
         with self._lock:
             out, self._to_release = self._to_release, []
@@ -105,9 +117,16 @@ class SendEntry:
 
 
 class SendRegistry:
-    """Worker-side table of held transfers (engine thread registers, server thread reads)."""
+    """Worker-side table of held transfers (engine thread registers, server thread reads).
+
+    ``on_register`` callbacks run after transfers are registered (the server serves
+    pulls parked for them), ``on_finished`` ones when a transfer may be reported as
+    finished sending (the engine stops waiting); both outside the lock.
+    """
 
     def __init__(self, memory_seconds: float = 60.0, clock=time.monotonic):
+        self.on_register: list[Callable[[], None]] = []
+        self.on_finished: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._entries: dict[str, SendEntry] = {}
         self._finished: list[str] = []
@@ -125,6 +144,18 @@ class SendRegistry:
             _, early = self._early.pop(spec.transfer_id, (0.0, set()))
             for key in early:
                 self._consumer_done_locked(entry, key)
+            finished = entry.finished
+        self._notify(self.on_register)
+        if finished:
+            self._notify(self.on_finished)
+
+    @staticmethod
+    def _notify(callbacks: list[Callable[[], None]]) -> None:
+        for callback in list(callbacks):
+            try:
+                callback()
+            except Exception:  # wake-ups are an optimisation; the state is what counts
+                logger.exception("PD registry: callback failed")
 
     def state(self, transfer_id: str) -> str:
         """'held' (pullable), 'gone' (ended recently) or 'unknown' (not registered yet)."""
@@ -148,6 +179,9 @@ class SendRegistry:
             entry.readers -= 1
             if entry.released and entry.readers == 0:
                 self._finish_locked(entry)
+            finished = entry.finished
+        if finished:
+            self._notify(self.on_finished)
 
     def consumer_done(self, transfer_id: str, key: str) -> None:
         """One consumer finished (pulled, failed or gave up). Idempotent per key."""
@@ -158,6 +192,9 @@ class SendRegistry:
                     self._early.setdefault(transfer_id, (self._clock(), set()))[1].add(key)
                 return
             self._consumer_done_locked(entry, key)
+            finished = entry.finished
+        if finished:
+            self._notify(self.on_finished)
 
     def _consumer_done_locked(self, entry: SendEntry, key: str) -> None:
         if key in entry.done_keys:
@@ -178,7 +215,8 @@ class SendRegistry:
             entry.released = True
             if entry.readers == 0:
                 self._finish_locked(entry)
-            return True
+        # No wake-up: the engine thread calls this and reports at the end of the step.
+        return True
 
     def _finish_locked(self, entry: SendEntry) -> None:
         if not entry.finished:

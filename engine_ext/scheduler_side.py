@@ -5,19 +5,30 @@ proxy copies verbatim into the decode request. As D, it claims the prompt tokens
 params cover (beyond a local prefix-cache hit) as an asynchronous load and tells its
 workers which remote blocks go into which local blocks. Coordination is by
 ``transfer_id`` (generated here) and never by vLLM request ids, which vLLM suffixes
-per engine.
+per engine. In steps with nothing to do it blocks instead of spinning
+(:mod:`engine_ext.idle`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import queue
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import zmq
+
 from engine_ext.config import PDSettings
 from engine_ext.control import ControlServer
+from engine_ext.idle import (
+    IDLE_WAIT_MAX_SECONDS,
+    IdleWaiter,
+    WakeListener,
+    engine_hooks,
+    workers_have_news,
+)
 from engine_ext.layout import blocks_to_load, spec_mismatch, spec_signature
 from engine_ext.leases import LeaseTable
 from engine_ext.metadata import Notice, PDConnectorMetadata, PullSpec, SendSpec
@@ -86,7 +97,12 @@ def params_problem(params: dict[str, Any], prompt_len: int, block_size: int) -> 
 
 class PDScheduler:
     def __init__(
-        self, vllm_config: Any, kv_cache_config: Any, settings: PDSettings, engine_id: str
+        self,
+        vllm_config: Any,
+        kv_cache_config: Any,
+        settings: PDSettings,
+        engine_id: str,
+        hooks: tuple[queue.Queue | None, Any] | None = None,
     ):
         if len(kv_cache_config.kv_cache_groups) != 1:
             raise ValueError("PDConnector supports models with a single KV cache group")
@@ -99,8 +115,19 @@ class PDScheduler:
         self.stats = StatsRegistry()
         self._meta = PDConnectorMetadata()
         self._handled: set[str] = set()  # D requests whose remote params were acted on
-        self._pulling: set[str] = set()  # D requests waiting for their pull
+        self._pulling: dict[str, float] = {}  # D requests waiting for their pull -> since
         self._warned: set[str] = set()
+        input_queue, self._vllm_scheduler = hooks if hooks is not None else engine_hooks()
+        data_parallel = int(getattr(vllm_config.parallel_config, "data_parallel_size", 1) or 1)
+        if data_parallel > 1:  # DP engines step in waves together: never park one
+            input_queue = None
+        self.waiter = IdleWaiter(input_queue)
+        self.wake_listener: WakeListener | None = None
+        try:
+            workers = int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
+            self.wake_listener = WakeListener(engine_id, self.waiter, workers)
+        except (RuntimeError, OSError, zmq.ZMQError) as exc:  # then: short idle sleeps
+            logger.warning("PDConnector: no wake-up channel from the workers: %s", exc)
         self.control: ControlServer | None = None
         if settings.control_port:
             self.control = ControlServer(
@@ -111,11 +138,13 @@ class PDScheduler:
                 metrics=self.stats.prometheus,
             ).start()
         logger.info(
-            "PDConnector scheduler side: engine %s, advertised %s, zmq %d, control %s, layout %s",
+            "PDConnector scheduler side: engine %s, advertised %s, zmq %d, control %s, "
+            "idle waits %s, layout %s",
             engine_id,
             self.host,
             settings.zmq_port,
             settings.control_port or "off",
+            "interruptible" if self.waiter.sees_requests else "short",
             self.layout,
         )
 
@@ -189,9 +218,10 @@ class PDScheduler:
                 local_block_ids=tuple(local),
                 remote_layout=params["layout"],
                 consumer_key=self._consumer_key(rid),
+                remote_engine_id=str(params["remote_engine_id"]),
             )
         )
-        self._pulling.add(rid)
+        self._pulling[rid] = time.monotonic()
         self.stats.inc("pulls_started")
 
     def _consumer_key(self, req_id: str) -> str:
@@ -269,6 +299,7 @@ class PDScheduler:
         released = self.leases.release(transfer_id)
         if released:
             self.stats.inc("releases")
+            self.waiter.wake()  # an idle engine tells its workers now
         return released
 
     # ------------------------------------------------------------ every step
@@ -281,15 +312,36 @@ class PDScheduler:
         meta.releases.extend(self.leases.take_releases())
         self._sync_gauges()
         # Holding blocks or waiting for a pull keeps the engine stepping with nothing
-        # to compute; a short sleep there spares a core without delaying real work.
+        # to compute: wait for something to happen instead (see the module doc).
         if (
             self.settings.idle_step_sleep_ms
-            and not scheduler_output.total_num_scheduled_tokens
             and meta.is_empty()
+            and not workers_have_news(scheduler_output)
             and (len(self.leases) or self._pulling)
         ):
-            time.sleep(self.settings.idle_step_sleep_ms / 1000.0)
+            self.waiter.wait(self._idle_timeout())
         return meta
+
+    def _idle_timeout(self) -> float:
+        short = self.settings.idle_step_sleep_ms / 1000.0
+        if (
+            not self.waiter.sees_requests
+            or self._vllm_scheduler is None
+            or self.wake_listener is None
+            or not self.wake_listener.ready
+        ):
+            return short
+        try:
+            others = self._vllm_scheduler.get_num_unfinished_requests() > len(self._pulling)
+        except Exception:  # noqa: BLE001 - vLLM internals: if in doubt, wait briefly
+            others = True
+        if others:  # e.g. a request waiting for its grammar: nothing would wake us for it
+            return short
+        timeout = IDLE_WAIT_MAX_SECONDS
+        deadline = self.leases.next_deadline()
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+        return timeout
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         if output.kv_connector_stats is not None:
@@ -299,7 +351,9 @@ class PDScheduler:
             if lease is not None and not lease.releasing:
                 self.stats.inc("transfers_completed")
         for rid in output.finished_recving or ():
-            self._pulling.discard(rid)
+            started = self._pulling.pop(rid, None)
+            if started is not None:
+                self.stats.inc("kv_wait_seconds_total", time.monotonic() - started)
         self._sync_gauges()
 
     def _sync_gauges(self) -> None:
@@ -313,3 +367,6 @@ class PDScheduler:
         if self.control is not None:
             self.control.stop()
             self.control = None
+        if self.wake_listener is not None:
+            self.wake_listener.stop()
+            self.wake_listener = None

@@ -38,6 +38,8 @@ SCHEDULER_COUNTERS: dict[str, str] = {
     "transfers_completed": "Held transfers released because all consumers pulled (P side).",
     "pulls_started": "Decode requests that started a pull (D side).",
     "pulls_skipped": "Decode requests with remote KV that did not pull (local hit, mismatch).",
+    "kv_wait_seconds_total": "Wall time decode requests waited for their KV, from the step "
+    "that started the pull to the step that saw it end, summed (D side).",
 }
 GAUGES: dict[str, str] = {
     "transfers_held": "Transfers whose blocks are held right now (P side).",

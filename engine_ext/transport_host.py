@@ -17,13 +17,18 @@ Protocol (JSON header frame, then an optional payload frame):
   skipped); P frees the blocks when all consumers are done.
 
 Every wait has a deadline: D fails a pull after ``pull_timeout_seconds``; P parks a
-pull for an unknown transfer at most ``unknown_wait_seconds``; staging waits are bounded.
+pull for an unknown transfer at most ``unknown_wait_seconds`` (and serves it the moment
+the engine thread registers the transfer: :meth:`HostServer.wake`); a chunk waiting for
+a staging buffer waits in a queue, never in the loop, so one slow consumer cannot stall
+the others; a pull for another incarnation of this engine (P restarted) is refused at
+once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -46,11 +51,48 @@ def dumps(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def socket_defaults(sock: zmq.Socket) -> None:
+def engine_cpus() -> set[int]:
+    """CPUs this engine may use: ours plus our parent's (the unbound engine-core process).
+
+    vLLM's CPU worker binds its whole process, and so every thread it starts later, to
+    the cores of its OpenMP threads. A transport thread there waits behind the model's
+    compute and vLLM's own busy-polling even while other cores idle, which on a shared
+    host turned millisecond pulls into hundreds of milliseconds.
+    """
+    try:
+        return set(os.sched_getaffinity(0)) | set(os.sched_getaffinity(os.getppid()))
+    except (AttributeError, OSError):
+        return set()
+
+
+def new_context(cpus: set[int]) -> zmq.Context:
+    """A one-I/O-thread ZMQ context whose I/O thread may run on ``cpus``."""
+    ctx = zmq.Context(io_threads=1)
+    for cpu in sorted(cpus):
+        try:
+            ctx.set(zmq.THREAD_AFFINITY_CPU_ADD, cpu)
+        except (AttributeError, zmq.ZMQError):
+            break
+    return ctx
+
+
+def unpin_current_thread(cpus: set[int]) -> None:
+    """Let the calling (transport) thread run on any of ``cpus``."""
+    try:
+        if cpus and cpus != set(os.sched_getaffinity(0)):
+            os.sched_setaffinity(0, cpus)
+    except (AttributeError, OSError):
+        pass
+
+
+def socket_defaults(sock: zmq.Socket, connect_timeout: float = 5.0) -> None:
     sock.setsockopt(zmq.LINGER, 0)
-    # Heartbeats drop a dead peer's pipe (and the messages queued on it) within seconds.
-    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+    # Heartbeats (answered by the peer's ZMQ I/O thread, busy Python or not) drop the
+    # pipe of a frozen or vanished peer after half the connect timeout; a killed peer's
+    # pipe drops at once (its kernel resets the connection).
+    timeout_ms = max(500, int(connect_timeout * 500))
+    sock.setsockopt(zmq.HEARTBEAT_IVL, max(100, timeout_ms // 3))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
 
 
 class BlockSource(Protocol):
@@ -86,15 +128,20 @@ class StagingPool:
                 keep.append((buf, tracker))
         self._busy = keep
 
+    def try_acquire(self, nbytes: int) -> np.ndarray | None:
+        """A buffer now, or None while the bytes on the wire fill the budget."""
+        self._reap()
+        if not self._busy or self._busy_bytes + max(nbytes, self.buf_bytes) <= self.max_bytes:
+            if nbytes <= self.buf_bytes:
+                return self._free.pop() if self._free else np.ones(self.buf_bytes, np.uint8)
+            return np.ones(nbytes, np.uint8)  # one block larger than a chunk: a one-off
+        return None
+
     def acquire(self, nbytes: int, timeout: float) -> np.ndarray | None:
         deadline = time.monotonic() + timeout
         while True:
-            self._reap()
-            if not self._busy or self._busy_bytes + max(nbytes, self.buf_bytes) <= self.max_bytes:
-                if nbytes <= self.buf_bytes:
-                    buf = self._free.pop() if self._free else np.ones(self.buf_bytes, np.uint8)
-                else:  # one block larger than a chunk: a one-off buffer
-                    buf = np.ones(nbytes, np.uint8)
+            buf = self.try_acquire(nbytes)
+            if buf is not None:
                 return buf
             left = deadline - time.monotonic()
             if left <= 0:
@@ -130,6 +177,7 @@ class HostServer:
         layout_desc: dict[str, Any],
         counters: WorkerCounters,
         nccl: Any = None,
+        engine_id: str = "",
     ):
         self.settings = settings
         self.registry = registry
@@ -138,10 +186,12 @@ class HostServer:
         self.layout_desc = layout_desc
         self.counters = counters
         self.nccl = nccl  # transport_nccl.NcclServer or None
+        self.engine_id = engine_id
         self.pool = StagingPool(settings.chunk_bytes, settings.max_inflight_bytes)
-        self._ctx = zmq.Context(io_threads=1)
+        self._cpus = engine_cpus()
+        self._ctx = new_context(self._cpus)
         self.sock = self._ctx.socket(zmq.ROUTER)
-        socket_defaults(self.sock)
+        socket_defaults(self.sock, settings.connect_timeout_seconds)
         self.sock.setsockopt(zmq.SNDHWM, 0)  # bounded by the staging pool instead
         try:
             self.sock.bind(f"tcp://{settings.bind_host}:{port}")
@@ -149,33 +199,73 @@ class HostServer:
             self._ctx.destroy(linger=0)
             raise RuntimeError(f"PDConnector cannot bind ZMQ port {port}: {exc}") from exc
         self.port = port
+        # The engine thread wakes the loop when it registers transfers (parked pulls).
+        wake_addr = f"inproc://pd-server-wake-{id(self)}"
+        self._wake_recv = self._ctx.socket(zmq.PULL)
+        self._wake_recv.bind(wake_addr)
+        self._wake_send = self._ctx.socket(zmq.PUSH)
+        self._wake_send.setsockopt(zmq.SNDHWM, 1)
+        self._wake_send.connect(wake_addr)
+        self._wake_lock = threading.Lock()
         self._parked: list[tuple[float, bytes, dict[str, Any]]] = []
+        # Chunks waiting for a staging buffer (bytes of earlier chunks still on the wire).
+        self._backlog: deque[tuple[float, bytes, dict[str, Any]]] = deque()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"pd-server-{port}", daemon=True)
+        registry.on_register.append(self.wake)
 
     def start(self) -> HostServer:
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        if self.wake in self.registry.on_register:
+            self.registry.on_register.remove(self.wake)
         self._stop.set()
+        self.wake()
         self._thread.join(timeout=5)
         self._ctx.destroy(linger=0)
 
+    def wake(self) -> None:
+        """Any thread: new transfers were registered; serve the pulls parked for them."""
+        with self._wake_lock:
+            try:
+                self._wake_send.send(b"", zmq.NOBLOCK)
+            except (zmq.Again, zmq.ContextTerminated):
+                pass  # a wake-up is already pending (or we are stopping)
+
     # --- loop
 
+    def _timeout_ms(self) -> int:
+        if self._backlog:
+            return 2  # staging trackers cannot be polled: look again soon
+        if self._parked:  # registration wakes us; this is a fallback and the deadline
+            left = min(p[0] for p in self._parked) - time.monotonic()
+            return max(1, min(50, int(left * 1000) + 1))
+        return 1000
+
     def _run(self) -> None:
+        unpin_current_thread(self._cpus)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_recv, zmq.POLLIN)
         while not self._stop.is_set():
             try:
-                if poller.poll(10 if self._parked else 200):
+                events = dict(poller.poll(self._timeout_ms()))
+                if self._wake_recv in events:
+                    while True:
+                        try:
+                            self._wake_recv.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                if self.sock in events:
                     for _ in range(64):  # drain, but keep parked pulls moving
                         try:
                             frames = self.sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
                         self._handle(frames)
+                self._drain_backlog()
                 self._retry_parked()
             except zmq.ContextTerminated:
                 return
@@ -188,7 +278,7 @@ class HostServer:
         ident, header = frames[0], json.loads(frames[1])
         op = header.get("op")
         if op == "chunk":
-            self._chunk(ident, header, parked=False)
+            self._chunk(ident, header)
         elif op == "done":
             self.registry.consumer_done(header["tid"], header["key"])
             if header.get("ok"):
@@ -211,53 +301,79 @@ class HostServer:
         for deadline, ident, header in parked:
             state = self.registry.state(header["tid"])
             if state != "unknown":
-                self._chunk(ident, header, parked=True)
+                self._chunk(ident, header)
             elif now >= deadline:
                 self._refuse(ident, header, "unknown", f"transfer {header['tid']} unknown here")
             else:
                 self._parked.append((deadline, ident, header))
 
-    def _chunk(self, ident: bytes, h: dict[str, Any], parked: bool) -> None:
+    def _drain_backlog(self) -> None:
+        """Serve chunks that waited for a staging buffer, oldest first."""
+        while self._backlog:
+            since, ident, header = self._backlog[0]
+            if not self._serve(ident, header, wait_since=since):
+                return  # still no buffer: keep the order
+            self._backlog.popleft()
+
+    def _chunk(self, ident: bytes, h: dict[str, Any]) -> None:
         tid = h["tid"]
         if h.get("layout") != self.layout_digest:
             detail = json.dumps(self.layout_desc)
             logger.warning("PD server: refusing pull of %s: KV layout of the peer differs", tid)
             self._refuse(ident, h, "mismatch", detail)
             return
+        engine = h.get("engine")
+        if engine and self.engine_id and engine != self.engine_id:
+            # Held by an earlier incarnation of this engine (P restarted on the same
+            # port): it will never be registered here.
+            self._refuse(ident, h, "unknown", f"transfer {tid} of engine {engine}, not this one")
+            return
+        if self._backlog:  # keep chunk order behind those waiting for staging
+            self._backlog.append((time.monotonic(), ident, h))
+            return
+        if not self._serve(ident, h, wait_since=None):
+            self._backlog.append((time.monotonic(), ident, h))
+
+    def _serve(self, ident: bytes, h: dict[str, Any], wait_since: float | None) -> bool:
+        """Answer one chunk request; False (nothing sent) when no staging buffer is free."""
+        tid = h["tid"]
         entry = self.registry.begin_read(tid)
         if entry is None:
-            if not parked and self.registry.state(tid) == "unknown":
+            if not h.get("parked") and self.registry.state(tid) == "unknown":
                 # The prefill may have finished a step ago and its registration not
                 # reached this worker yet: wait for it, but not forever.
+                h["parked"] = True
                 self._parked.append(
                     (time.monotonic() + self.settings.unknown_wait_seconds, ident, h)
                 )
             else:
                 self._refuse(ident, h, "unknown", f"transfer {tid} released or expired")
-            return
+            return True
         blocks: list[int] = h["blocks"]
         try:
             if not set(blocks) <= set(entry.spec.block_ids):
                 self._refuse(ident, h, "error", "blocks outside the transfer")
-                return
+                return True
             if h.get("via") == "nccl":
                 if self.nccl is None:
                     self._reply(ident, h, {"status": "use_host"})
                 else:  # replies itself, before it waits for the send to complete
                     self.nccl.send_chunk(h, blocks, lambda reply: self._reply(ident, h, reply))
-                return
+                return True
             nbytes = self.block_io.nbytes(len(blocks))
-            buf = self.pool.acquire(nbytes, STAGING_WAIT_SECONDS)
+            buf = self.pool.try_acquire(nbytes)
             if buf is None:
-                self._refuse(ident, h, "busy", "no staging buffer free")
-                return
+                if wait_since is not None and time.monotonic() - wait_since > STAGING_WAIT_SECONDS:
+                    self._refuse(ident, h, "busy", "no staging buffer free")
+                    return True
+                return False
             try:
                 self.block_io.gather(blocks, buf[:nbytes])
             except Exception as exc:  # D must hear of it, not time out
                 logger.exception("PD server: gathering %s failed", tid)
                 self.pool.give_back(buf)
                 self._refuse(ident, h, "error", f"gather failed: {exc}")
-                return
+                return True
         finally:
             self.registry.end_read(entry)
         head = dumps({"key": h["key"], "seq": h["seq"], "status": "ok", "nbytes": nbytes})
@@ -266,3 +382,4 @@ class HostServer:
         )
         self.pool.track(buf, tracker)
         self.counters.add(bytes_sent=nbytes, blocks_sent=len(blocks), chunks_sent=1)
+        return True

@@ -4,10 +4,14 @@ One :class:`HostClient` per D worker, on its own thread. It cuts each pull into 
 of whole blocks, keeps a small window of them requested (bounded memory, and P's
 gather of chunk k+1 overlaps the wire time of chunk k), scatters each arriving chunk
 into the local blocks, and reports every pull exactly once through
-:meth:`HostClient.take_results`. A socket monitor per peer tells a dead or frozen P
-(refused, dropped or never-handshaken connection) from a slow one, so a pull from a
-dead P fails after ``connect_timeout_seconds`` instead of the whole pull timeout.
-See :mod:`engine_ext.transport_host` for the protocol.
+:meth:`HostClient.take_results` (and calls ``on_result``, so the engine can stop waiting
+at once). A socket monitor per peer tells a dead, frozen or vanished P from a slow one:
+ZMQ heartbeats are answered by P's I/O thread even while its Python threads are busy,
+so a connection that stays up means a live P (its pull runs to the pull deadline), and
+one that is refused, dropped or never handshaken means a dead one (its pulls fail about
+``connect_timeout_seconds`` after the last sign of life). Chunk requests lost with a
+dropped connection are sent again when it comes back. See
+:mod:`engine_ext.transport_host` for the protocol.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +32,14 @@ from engine_ext.config import PDSettings
 from engine_ext.layout import KVLayout, plan_chunks
 from engine_ext.metadata import Notice, PullSpec
 from engine_ext.stats import WorkerCounters
-from engine_ext.transport_host import BlockSource, dumps, socket_defaults
+from engine_ext.transport_host import (
+    BlockSource,
+    dumps,
+    engine_cpus,
+    new_context,
+    socket_defaults,
+    unpin_current_thread,
+)
 
 logger = logging.getLogger("vllm.pd.transport")
 
@@ -64,6 +76,7 @@ class _Peer:
     sock: zmq.Socket
     monitor: zmq.Socket
     up: bool = False
+    ever_up: bool = False
     down_since: float = field(default_factory=time.monotonic)
 
 
@@ -93,15 +106,18 @@ class HostClient:
         layout_desc: dict[str, Any],
         counters: WorkerCounters,
         nccl: Any = None,
+        on_result: Callable[[], None] | None = None,
     ):
         self.settings = settings
+        self.on_result = on_result  # called (client thread) after each result is queued
         self.rank = rank
         self.block_io = block_io
         self.layout_digest = layout_digest
         self.layout_desc = layout_desc
         self.counters = counters
         self.nccl = nccl  # transport_nccl.NcclClient or None
-        self._ctx = zmq.Context(io_threads=1)
+        self._cpus = engine_cpus()
+        self._ctx = new_context(self._cpus)
         self._wake_addr = f"inproc://pd-client-wake-{id(self)}"
         self._wake_recv = self._ctx.socket(zmq.PULL)
         self._wake_recv.bind(self._wake_addr)
@@ -115,6 +131,7 @@ class HostClient:
         self._peers: dict[str, _Peer] = {}
         self._poller = zmq.Poller()
         self._inflight_bytes = 0
+        self._rr = 0  # round-robin start for _pump
         self._thread = threading.Thread(target=self._run, name=f"pd-client-{rank}", daemon=True)
 
     # --- engine thread API
@@ -156,7 +173,7 @@ class HostClient:
         peer = self._peers.get(endpoint)
         if peer is None:
             sock = self._ctx.socket(zmq.DEALER)
-            socket_defaults(sock)
+            socket_defaults(sock, self.settings.connect_timeout_seconds)
             # Drop (and retry) a connection whose handshake stalls, e.g. a frozen P.
             sock.setsockopt(zmq.HANDSHAKE_IVL, int(self.settings.connect_timeout_seconds * 1000))
             monitor = sock.get_monitor_socket(_UP_EVENTS | _DOWN_EVENTS)
@@ -186,21 +203,34 @@ class HostClient:
                 event = recv_monitor_message(peer.monitor, zmq.NOBLOCK)["event"]
             except zmq.Again:
                 return
-            if event & _UP_EVENTS and not peer.up:
-                peer.up = True
-                logger.info("PD client: connected to %s", peer.endpoint)
+            if event & _UP_EVENTS:
+                if not peer.up:
+                    logger.info("PD client: connected to %s", peer.endpoint)
+                reconnected = peer.ever_up
+                peer.up = peer.ever_up = True
+                if reconnected:
+                    self._resend(peer)
             elif event & _DOWN_EVENTS and peer.up:
                 peer.up, peer.down_since = False, time.monotonic()
                 logger.info("PD client: lost %s (event %d)", peer.endpoint, event)
 
+    def _resend(self, peer: _Peer) -> None:
+        """A new connection to a peer: chunk requests sent on the old one may be lost
+        (P answers a repeated request again; the extra answer is ignored)."""
+        for job in self._jobs.values():
+            if job.endpoint == peer.endpoint:
+                for seq in job.outstanding:
+                    self._request_chunk(job, seq)
+
     def _run(self) -> None:
+        unpin_current_thread(self._cpus)
         self._poller.register(self._wake_recv, zmq.POLLIN)
         while True:
             try:
                 now = time.monotonic()
                 wait = min((job.deadline for job in self._jobs.values()), default=now + 1.0) - now
                 if any(not self._peer(job.endpoint).up for job in self._jobs.values()):
-                    wait = min(wait, 0.1)  # watch unreachable peers' connect deadlines
+                    wait = min(wait, 0.05)  # watch unreachable peers' deadlines
                 events = dict(self._poller.poll(max(1, min(1000, int(wait * 1000) + 1))))
                 if self._wake_recv in events:
                     while True:
@@ -266,21 +296,47 @@ class HostClient:
             self._finish(job, ok=False, reason="malformed pull (block lists differ)")
 
     def _pump(self) -> None:
-        """Request more chunks, within each pull's window and the byte budget."""
-        for job in list(self._jobs.values()):
-            while job.next_chunk < len(job.chunks) and len(job.outstanding) < WINDOW:
+        """Request more chunks, within each pull's window and the byte budget.
+
+        One chunk per pull per round, from a rotating first pull; a chunk that does not
+        fit is skipped, not waited for, so smaller ones of other pulls still go. No P
+        holds more than the budget less one chunk (the default window, 3 x 16 MiB of
+        64 MiB, is just that), nor more than half while pulls from several P wait
+        (always one chunk), so a P that stalls with chunks outstanding cannot hold up
+        the pulls from the others.
+        """
+        jobs = list(self._jobs.values())
+        if not jobs:
+            return
+        self._rr = (self._rr + 1) % len(jobs)
+        jobs = jobs[self._rr :] + jobs[: self._rr]
+        budget = self.settings.max_inflight_bytes
+        peer_cap = budget - self.settings.chunk_bytes
+        per_peer: dict[str, int] = {}
+        for job in jobs:
+            per_peer[job.endpoint] = per_peer.get(job.endpoint, 0) + sum(job.outstanding.values())
+        waiting = {j.endpoint for j in jobs if j.next_chunk < len(j.chunks)}
+        progress = True
+        while progress:
+            progress = False
+            for job in jobs:
+                if job.next_chunk >= len(job.chunks) or len(job.outstanding) >= WINDOW:
+                    continue
                 start, end = job.chunks[job.next_chunk]
                 size = self.block_io.nbytes(end - start)
-                if (
-                    self._inflight_bytes
-                    and self._inflight_bytes + size > self.settings.max_inflight_bytes
-                ):
-                    return
+                if self._inflight_bytes and self._inflight_bytes + size > budget:
+                    continue
+                held = per_peer[job.endpoint]
+                cap = min(peer_cap, budget // 2) if len(waiting) > 1 else peer_cap
+                if held and held + size > cap:
+                    continue
                 seq = job.next_chunk
                 job.outstanding[seq] = size
                 self._inflight_bytes += size
+                per_peer[job.endpoint] = held + size
                 job.next_chunk += 1
                 self._request_chunk(job, seq)
+                progress = True
 
     def _request_chunk(self, job: _Job, seq: int) -> None:
         start, end = job.chunks[seq]
@@ -293,6 +349,7 @@ class HostClient:
                 "seq": seq,
                 "blocks": list(job.spec.remote_block_ids[start:end]),
                 "layout": self.layout_digest,
+                "engine": job.spec.remote_engine_id,
                 "via": job.via,
                 "dev": self.nccl.device_id if self.nccl is not None else "",
             },
@@ -304,7 +361,7 @@ class HostClient:
                 frames = peer.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            peer.up = True  # an answer proves it, whatever the monitor said
+            peer.up = peer.ever_up = True  # an answer proves it, whatever the monitor said
             header = json.loads(frames[0].bytes)
             job = self._jobs.get(header.get("key"))
             seq = header.get("seq")
@@ -362,7 +419,7 @@ class HostClient:
             self._finish(job, ok=True)
 
     def _expire(self) -> None:
-        now, grace = time.monotonic(), self.settings.connect_timeout_seconds
+        now, timeout = time.monotonic(), self.settings.connect_timeout_seconds
         for job in list(self._jobs.values()):
             peer = self._peer(job.endpoint)
             if now >= job.deadline:
@@ -372,10 +429,21 @@ class HostClient:
                     drop_peer=True,
                     reason=f"timed out after {self.settings.pull_timeout_seconds:g}s",
                 )
-            elif not peer.up and now - max(job.started, peer.down_since) >= grace:
-                # Refused or dropped connection: P died (or is unreachable); fail fast
-                # instead of waiting out the whole pull timeout.
-                self._finish(job, ok=False, reason=f"P unreachable for {grace:g}s", drop_peer=True)
+            elif not peer.up:
+                # Never reached (refused, or no handshake): P is dead or not there; give
+                # it the whole connect timeout. Lost after being reached: the process
+                # closed its socket (killed) or stopped answering heartbeats for half the
+                # connect timeout (frozen, vanished); half again to come back.
+                since = max(job.started, peer.down_since)
+                grace = timeout / 2 if peer.ever_up and peer.down_since > job.started else timeout
+                if now - since >= grace:
+                    what = "connection lost" if peer.ever_up else "no connection"
+                    self._finish(
+                        job,
+                        ok=False,
+                        reason=f"P unreachable ({what} for {now - since:.1f}s)",
+                        drop_peer=True,
+                    )
 
     def _finish(
         self,
@@ -417,3 +485,8 @@ class HostClient:
         result = PullResult(job.spec.req_id, ok, cancelled, job.spec.local_block_ids, reason)
         with self._results_lock:
             self._results.append(result)
+        if self.on_result is not None:
+            try:
+                self.on_result()
+            except Exception:  # a wake-up is an optimisation; never lose the result
+                logger.exception("PD client: on_result callback failed")

@@ -1,25 +1,32 @@
 """Worker side of the PDConnector (one per TP rank): owns the KV tensors' transports.
 
 It applies each step's :class:`~engine_ext.metadata.PDConnectorMetadata` (register held
-transfers, release them, start pulls, send skip notices), and reports back through
+transfers, release them, start pulls, send skip notices) as soon as vLLM binds it, before
+the step's forward pass (vLLM 0.32 calls ``start_load_kv`` only after the forward, which
+on a CPU engine would hold every new pull and every new registration for a whole
+step), and reports back through
 vLLM's hooks: held transfers that are done as *finished sending*, pulls that ended as
 *finished recving*, failed pulls' blocks as *load errors* (so that with
 ``kv_load_failure_policy: recompute`` vLLM recomputes them and the client still gets a
 correct answer), and counter deltas as connector stats. The bytes themselves move on
-the transport threads (:mod:`engine_ext.transport_host`), never on the engine thread.
+the transport threads (:mod:`engine_ext.transport_host`), never on the engine thread;
+when a transfer ends there, the scheduler process is woken
+(:func:`~engine_ext.metadata.wake_endpoint`) so that an idle engine reports it at once.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import torch
+import zmq
 
 from engine_ext.config import PDSettings
 from engine_ext.layout import BlockIO, KVLayout
 from engine_ext.leases import SendRegistry
-from engine_ext.metadata import PDConnectorMetadata
+from engine_ext.metadata import PDConnectorMetadata, wake_endpoint
 from engine_ext.stats import PDKVConnectorStats, WorkerCounters
 from engine_ext.transport_host import HostServer
 from engine_ext.transport_pull import HostClient
@@ -36,19 +43,53 @@ def _tp_rank_and_size(vllm_config: Any) -> tuple[int, int]:
     return get_tp_group().rank_in_group, size
 
 
+class SchedulerWaker:
+    """Worker process: tells the scheduler process that a transfer ended (any thread)."""
+
+    def __init__(self, engine_id: str, rank: int):
+        self._lock = threading.Lock()
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock = self._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 8)  # wake-ups coalesce; never block or pile up
+        self._sock.connect(wake_endpoint(engine_id))
+        # Proves the channel to the scheduler (queued until it binds): only then does
+        # an idle engine rely on wake-ups rather than short sleeps.
+        self._sock.send(f"hello {rank}".encode(), zmq.NOBLOCK)
+
+    def __call__(self) -> None:
+        with self._lock:
+            try:
+                self._sock.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # enough wake-ups pending (or shutting down)
+
+    def close(self) -> None:
+        with self._lock:
+            self._sock.close(linger=0)
+            self._ctx.term()
+
+
 class PDWorker:
-    def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: PDSettings):
+    def __init__(
+        self, vllm_config: Any, kv_cache_config: Any, settings: PDSettings, engine_id: str = ""
+    ):
         if int(vllm_config.parallel_config.pipeline_parallel_size) != 1:
             raise ValueError("PDConnector does not support pipeline parallelism")
         self.settings = settings
+        self.engine_id = engine_id
         self.num_blocks = int(kv_cache_config.num_blocks)
         self.rank, self.tp_size = _tp_rank_and_size(vllm_config)
         self.registry = SendRegistry()
         self.counters = WorkerCounters()
         self.server: HostServer | None = None
         self.client: HostClient | None = None
+        self.waker = SchedulerWaker(engine_id, self.rank) if engine_id else None
+        if self.waker is not None:
+            self.registry.on_finished.append(self.waker)
         self._pulling: set[str] = set()
         self._load_errors: set[int] = set()
+        self._applied: PDConnectorMetadata | None = None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.shutdown()  # re-registration (new KV tensors) rebinds the same port
@@ -79,9 +120,17 @@ class PDWorker:
             desc,
             self.counters,
             nccl=nccl_server,
+            engine_id=self.engine_id,
         ).start()
         self.client = HostClient(
-            self.settings, self.rank, block_io, digest, desc, self.counters, nccl=nccl_client
+            self.settings,
+            self.rank,
+            block_io,
+            digest,
+            desc,
+            self.counters,
+            nccl=nccl_client,
+            on_result=self.waker,
         ).start()
         first = layout.layers[0] if layout.layers else None
         logger.info(
@@ -101,13 +150,14 @@ class PDWorker:
         )
 
     def start_load_kv(self, meta: PDConnectorMetadata | None) -> None:
-        """Apply this step's decisions; called once per step, forward or not."""
-        if meta is None or meta.is_empty():
+        """Apply this step's decisions (once per metadata: at bind time, then again)."""
+        if meta is None or meta is self._applied or meta.is_empty():
             return
+        self._applied = meta
         if self.client is None:
             raise RuntimeError("PDConnector metadata before register_kv_caches")
         for spec in meta.sends:
-            self.registry.register(spec)
+            self.registry.register(spec)  # wakes the server for pulls parked on it
         for tid in meta.releases:
             self.registry.release(tid)
         for pull in meta.pulls:
@@ -147,3 +197,10 @@ class PDWorker:
             if part is not None:
                 part.stop()
         self.client = self.server = None
+
+    def close(self) -> None:
+        self.shutdown()
+        if self.waker is not None:
+            self.registry.on_finished.remove(self.waker)
+            self.waker.close()
+            self.waker = None

@@ -46,7 +46,7 @@ PROMPTS = [
 
 
 def gpu_server(name: str, model: Path, extra_config: dict | None, log_dir: Path) -> servers.Process:
-    argv_extra = ["--gpu-memory-utilization", "0.2", "--enforce-eager"]
+    argv_extra = ["--gpu-memory-utilization", "0.2", "--kv-cache-memory-bytes", "2147483648", "--enforce-eager"]
     return servers.vllm_server(
         name,
         model,

@@ -86,7 +86,11 @@ class Cluster:
     """The shared servers: a plain reference vLLM, two P/D-capable vLLMs of each role."""
 
     def __init__(self, model_dir: Path, log_dir: Path) -> None:
-        self.ref = servers.vllm_server("ref", model_dir, log_dir, cpu_core=0)
+        # vLLM's workers busy-poll for a second after every request; on two cores the
+        # reference (called before every proxied request in the proxy tests) shares a
+        # core with the prefill servers, not with the decode servers whose hand-off
+        # latency the tests watch. (The victim P starts first, on core 0.)
+        self.ref = servers.vllm_server("ref", model_dir, log_dir, cpu_core=1)
         self.p1 = pd_server("p1", model_dir, log_dir)
         self.d1 = pd_server("d1", model_dir, log_dir)
         self.p2 = pd_server("p2", model_dir, log_dir)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import os
 import random
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -302,6 +304,63 @@ def test_local_prefix_hit_pulls_only_the_tail(cluster):
     wait_idle(p, d)
 
 
+def test_hand_off_latency_on_an_idle_pair(cluster):
+    """Regression guard for the P->D hand-off (generous bounds, not a benchmark).
+
+    D's per-pull time and its wait for the KV (from the step that starts the pull to
+    the step that sees it end) are milliseconds for a small prompt on loopback; they
+    were tens to hundreds when D noticed finished pulls only at its next polled step,
+    and an engine woken by nothing would wait out its idle safety net (10 s).
+    """
+    p, d = cluster.p1, cluster.d1
+    wait_idle(p, d)
+    before = stats(d)
+    rng = random.Random(12)
+    handoffs = []
+    for _ in range(6):
+        prompt = [rng.randrange(300, 600) for _ in range(40)]
+        params = prefill(p.url, prompt)["kv_transfer_params"]
+        start = time.monotonic()
+        completion(d.url, prompt, max_tokens=1, kv_transfer_params=params)
+        handoffs.append(time.monotonic() - start)
+    got = wait_counted(d, before, "transfers_ok", 6)
+    assert got["transfers_failed"] == 0
+    assert got["transfer_seconds_total"] / 6 < 0.25, got
+    assert got["kv_wait_seconds_total"] / 6 < 0.25, got
+    assert statistics.median(handoffs) < 1.0, handoffs
+    wait_idle(p, d)
+
+
+def process_group_cpu_seconds(proc: servers.Process) -> float:
+    """CPU time (user + system) of every process of a server (its process group)."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == proc.proc.pid:  # pgid: servers start their own session
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_holding_engine_does_not_spin(cluster):
+    """A P that holds blocks nobody pulls steps with nothing to do; it must not burn a
+    core meanwhile (vLLM busy-polls for a second after each step: the connector makes
+    such steps rare)."""
+    p = cluster.p2
+    wait_idle(p)
+    prefill(p.url, text_prompt(13, 60), lease_seconds=8)
+    time.sleep(1.5)  # past vLLM's own second of busy-polling after the prefill
+    before, start = process_group_cpu_seconds(p), time.monotonic()
+    time.sleep(3)
+    used = (process_group_cpu_seconds(p) - before) / (time.monotonic() - start)
+    assert stats(p)["transfers_held"] == 1
+    assert used < 0.3, f"P used {used:.2f} cores while only holding blocks"
+    wait_idle(p, timeout=20)
+
+
 # ---------------------------------------------------------------- holding and releasing
 
 
@@ -439,7 +498,8 @@ def test_prefill_killed_before_pull(cluster, victim):
     d_before = stats(d)
     start = time.monotonic()
     assert ids(completion(d.url, text, kv_transfer_params=params)) == want
-    assert time.monotonic() - start < 20  # a dead P is noticed well before the 30 s pull timeout
+    # A dead P is noticed within the connect timeout, not the 30 s pull timeout.
+    assert time.monotonic() - start < d.pd_config.get("connect_timeout_seconds", 5.0) + 5
     got = wait_counted(d, d_before, "transfers_failed", 1)
     assert got["transfers_ok"] == 0
     wait_idle(d)

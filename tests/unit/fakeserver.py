@@ -18,7 +18,7 @@ Handler = Callable[[httpx.Request], "httpx.Response | Awaitable[httpx.Response]"
 
 
 class _Conn(asyncio.Protocol):
-    def __init__(self, server: "FakeServer") -> None:
+    def __init__(self, server: FakeServer) -> None:
         self.server = server
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -95,7 +95,7 @@ class FakeServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self) -> "FakeServer":
+    async def start(self) -> FakeServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Conn(self), "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]

@@ -104,3 +104,32 @@ def test_registry_forgets_gone_transfers_after_a_while():
     reg.register(spec("t2", "r2"))
     reg.release("t2")  # pruning happens as entries finish
     assert reg.state("t1") == "unknown" and reg.state("t2") == "gone"
+
+
+def test_next_deadline_skips_releasing_leases():
+    now = [100.0]
+    table = LeaseTable(30, clock=lambda: now[0])
+    assert table.next_deadline() is None
+    table.add("t1", "r1", seconds=5)
+    table.add("t2", "r2", seconds=10)
+    assert table.next_deadline() == 105.0
+    table.release("t1")
+    assert table.next_deadline() == 110.0
+
+
+def test_registry_wakes_the_server_on_registration_and_the_engine_when_done():
+    reg = SendRegistry()
+    registered, finished = [], []
+    reg.on_register.append(lambda: registered.append(1))
+    reg.on_finished.append(lambda: finished.append(1))
+    reg.register(SendSpec("t1", "r1", (1,), consumers=1))
+    assert registered == [1] and finished == []
+    entry = reg.begin_read("t1")
+    reg.consumer_done("t1", "k")  # still read by a gather: not finished yet
+    assert finished == []
+    reg.end_read(entry)
+    assert finished == [1] and reg.take_finished() == {"r1"}
+    # A skip notice that came before the registration finishes it on registration.
+    reg.consumer_done("t2", "k")
+    reg.register(SendSpec("t2", "r2", (2,), consumers=1))
+    assert finished == [1, 1] and reg.take_finished() == {"r2"}

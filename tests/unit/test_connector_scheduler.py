@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+import uuid
 from types import SimpleNamespace
 
 import httpx
@@ -12,13 +15,15 @@ from vllm.v1.request import RequestStatus
 
 from devkit.servers import free_port
 from engine_ext.config import PDSettings
+from engine_ext.idle import IdleWaiter
 from engine_ext.scheduler_side import PDScheduler
 from engine_ext.stats import PDKVConnectorStats
+from engine_ext.worker_side import SchedulerWaker
 
 BS = 4  # block size
 
 
-def make_scheduler(**settings) -> PDScheduler:
+def make_scheduler(hooks=None, engine_id="engine-p", **settings) -> PDScheduler:
     vllm_config = SimpleNamespace(
         model_config=SimpleNamespace(served_model_name=["tiny"]),
         cache_config=SimpleNamespace(block_size=BS),
@@ -35,7 +40,8 @@ def make_scheduler(**settings) -> PDScheduler:
         vllm_config,
         kv_cache_config,
         PDSettings(host="10.0.0.7", zmq_port=7000, **settings),
-        "engine-p",
+        engine_id,
+        hooks=hooks,
     )
 
 
@@ -164,6 +170,112 @@ def test_idle_steps_sleep_only_while_holding_and_idle():
     start = time.monotonic()
     step(sched, tokens=8)  # real work scheduled: no sleep
     assert time.monotonic() - start < 0.015
+
+
+def test_idle_waiter_ends_on_a_request_a_wake_up_or_its_timeout():
+    q: queue.Queue = queue.Queue()
+    waiter = IdleWaiter(q)
+    threading.Timer(0.1, q.put_nowait, args=("request",)).start()
+    start = time.monotonic()
+    waiter.wait(5)
+    assert 0.09 <= time.monotonic() - start < 1
+    q.get_nowait()
+    waiter.wake()  # while no one waits: the next wait ends at once
+    start = time.monotonic()
+    waiter.wait(5)
+    assert time.monotonic() - start < 0.05
+    start = time.monotonic()
+    waiter.wait(0.1)
+    assert 0.09 <= time.monotonic() - start < 1
+
+
+class Engine:
+    """Stands in for vLLM's engine core: an input queue and a request count."""
+
+    def __init__(self, unfinished=0, **settings):
+        self.input_queue: queue.Queue = queue.Queue()
+        self.unfinished = unfinished
+        self.engine_id = f"engine-{uuid.uuid4().hex[:8]}"
+        fake_vllm = SimpleNamespace(get_num_unfinished_requests=lambda: self.unfinished)
+        self.sched = make_scheduler(
+            hooks=(self.input_queue, fake_vllm), engine_id=self.engine_id, **settings
+        )
+        self.worker = SchedulerWaker(self.engine_id, 0)  # says hello, as a worker does
+        deadline = time.monotonic() + 5
+        while not self.sched.wake_listener.ready:
+            assert time.monotonic() < deadline, "no hello from the worker"
+            time.sleep(0.01)
+
+    def idle_step(self) -> float:
+        start = time.monotonic()
+        step(self.sched, tokens=0)
+        return time.monotonic() - start
+
+    def close(self):
+        self.worker.close()
+        self.sched.shutdown()
+
+
+@pytest.fixture
+def engine():
+    made = []
+
+    def make(**kwargs):
+        made.append(Engine(**kwargs))
+        return made[-1]
+
+    yield make
+    for e in made:
+        e.close()
+
+
+def test_idle_engine_holding_blocks_waits_until_something_happens(engine):
+    e = engine(idle_step_sleep_ms=2)
+    prefill(e.sched, "p1")
+    assert e.idle_step() < 0.05  # carries the new send to the workers: no wait
+    # Nothing to do but hold: the step blocks (no spinning) until a worker says a
+    # transfer ended...
+    threading.Timer(0.3, e.worker).start()
+    assert 0.25 <= e.idle_step() < 1.0
+    # ... or a request reaches the engine ...
+    threading.Timer(0.3, e.input_queue.put_nowait, args=("request",)).start()
+    assert 0.25 <= e.idle_step() < 1.0
+    e.input_queue.get_nowait()
+    # ... or the proxy releases a transfer.
+    held = prefill(e.sched, "p2")["transfer_id"]
+    e.idle_step()
+    threading.Timer(0.3, e.sched.release, args=(held,)).start()
+    assert 0.25 <= e.idle_step() < 1.0
+    assert step(e.sched, tokens=0).releases == [held]
+
+
+def test_idle_step_does_not_wait_when_workers_have_news(engine):
+    # An aborted decode request: the workers must hear of it now (to cancel its pull).
+    e = engine()
+    prefill(e.sched, "p1")
+    e.idle_step()
+    start = time.monotonic()
+    e.sched.build_connector_meta(
+        SimpleNamespace(total_num_scheduled_tokens=0, finished_req_ids={"d-aborted"})
+    )
+    assert time.monotonic() - start < 0.05
+
+
+def test_idle_wait_ends_at_the_next_lease_expiry(engine):
+    e = engine(lease_seconds=0.4)
+    prefill(e.sched, "p1")
+    e.idle_step()
+    assert e.idle_step() < 0.6  # not the 10 s safety net
+    meta = step(e.sched, tokens=0)
+    assert meta.releases  # expired: the workers are told to let go
+
+
+def test_idle_wait_is_short_while_other_requests_wait(engine):
+    # e.g. a request waiting for its grammar: nothing would wake the engine for it.
+    e = engine(unfinished=1, idle_step_sleep_ms=20)
+    prefill(e.sched, "p1")
+    e.idle_step()
+    assert 0.015 <= e.idle_step() < 0.2
 
 
 # ------------------------------------------------------------------ D side

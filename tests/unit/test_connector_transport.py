@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -33,23 +34,37 @@ def make_caches(seed: int | None):
 class Side:
     """One worker's transport pieces around its own KV caches."""
 
-    def __init__(self, settings: PDSettings, seed: int | None, port: int, shape=SHAPE):
+    def __init__(
+        self, settings: PDSettings, seed: int | None, port: int, shape=SHAPE, engine_id=""
+    ):
+        self.settings, self.port, self.engine_id = settings, port, engine_id
         self.caches = make_caches(seed) if shape == SHAPE else {"layers.0": torch.zeros(shape)}
-        layout = KVLayout.from_caches(self.caches, NUM_BLOCKS, 1)
-        self.io = BlockIO(self.caches, layout)
+        self.layout = KVLayout.from_caches(self.caches, NUM_BLOCKS, 1)
+        self.io = BlockIO(self.caches, self.layout)
         self.registry = SendRegistry()
         self.counters = WorkerCounters()
-        self.server = HostServer(
+        self.results = threading.Event()  # set by the client whenever a result is ready
+        self.start_server()
+        self.client = HostClient(
             settings,
-            port,
+            0,
+            self.io,
+            self.layout.digest(),
+            self.layout.describe(),
+            self.counters,
+            on_result=self.results.set,
+        ).start()
+
+    def start_server(self):
+        self.server = HostServer(
+            self.settings,
+            self.port,
             self.registry,
             self.io,
-            layout.digest(),
-            layout.describe(),
+            self.layout.digest(),
+            self.layout.describe(),
             self.counters,
-        ).start()
-        self.client = HostClient(
-            settings, 0, self.io, layout.digest(), layout.describe(), self.counters
+            engine_id=self.engine_id,
         ).start()
 
     def stop(self):
@@ -82,7 +97,7 @@ def pair(settings):
     d.stop()
 
 
-def pull(tid, remote, local, port, key="d/req-1", req="req-1", layout=None):
+def pull(tid, remote, local, port, key="d/req-1", req="req-1", layout=None, engine=""):
     return PullSpec(
         req_id=req,
         transfer_id=tid,
@@ -92,6 +107,7 @@ def pull(tid, remote, local, port, key="d/req-1", req="req-1", layout=None):
         local_block_ids=tuple(local),
         remote_layout=layout or {"device": "cpu"},
         consumer_key=key,
+        remote_engine_id=engine,
     )
 
 
@@ -131,10 +147,148 @@ def test_pull_waits_for_late_registration(pair, settings):
     p, d = pair
     d.client.submit(pull("late", [1, 2], [5, 6], settings.zmq_port))
     time.sleep(0.3)  # P's worker learns of the transfer one engine step later
+    registered = time.monotonic()
     p.registry.register(SendSpec("late", "p-req", (1, 2), consumers=1))
+    assert d.results.wait(2)
+    # Registration wakes the server: the parked pull is served now, not at a poll.
+    assert time.monotonic() - registered < 0.25
     (result,) = wait_results(d.client)
     assert result.ok
     assert torch.equal(p.caches["layers.0"][2], d.caches["layers.0"][6])
+
+
+def test_pull_latency_on_an_idle_pair(pair, settings):
+    """A small pull on loopback takes milliseconds (regression guard, generous bound)."""
+    p, d = pair
+    for i in range(5):
+        p.registry.register(SendSpec(f"t{i}", f"p{i}", (1, 2, 3), consumers=1))
+        start = time.monotonic()
+        d.client.submit(pull(f"t{i}", [1, 2, 3], [4, 5, 6], settings.zmq_port, key=f"d/{i}"))
+        assert d.results.wait(2)
+        d.results.clear()
+        elapsed = time.monotonic() - start
+        (result,) = wait_results(d.client)
+        assert result.ok and elapsed < 0.25, elapsed
+
+
+def test_restarted_p_refuses_its_former_transfers_at_once(settings):
+    p = Side(settings, seed=1, port=settings.zmq_port, engine_id="p-new")
+    d = Side(settings, seed=None, port=free_port())
+    try:
+        start = time.monotonic()
+        d.client.submit(pull("old", [1], [2], settings.zmq_port, engine="p-old"))
+        (result,) = wait_results(d.client)
+        assert not result.ok and "unknown" in result.reason and "p-old" in result.reason
+        assert time.monotonic() - start < settings.unknown_wait_seconds / 2
+    finally:
+        p.stop()
+        d.stop()
+
+
+def test_busy_p_still_completes_a_pull(settings):
+    """P's data-plane thread stalls past the connect timeout (a busy engine): its ZMQ
+    I/O thread keeps answering heartbeats, so D waits for it instead of failing."""
+    p = Side(settings, seed=1, port=settings.zmq_port)
+    d = Side(settings, seed=None, port=free_port())
+    gather, stalled = p.io.gather, []
+
+    def slow_gather(blocks, out):
+        if not stalled:
+            stalled.append(True)
+            time.sleep(2 * settings.connect_timeout_seconds)
+        gather(blocks, out)
+
+    p.server.block_io.gather = slow_gather
+    try:
+        p.registry.register(SendSpec("t1", "p-req", (1, 2), consumers=1))
+        d.client.submit(pull("t1", [1, 2], [3, 4], settings.zmq_port))
+        (result,) = wait_results(d.client)
+        assert result.ok, result.reason
+        assert torch.equal(p.caches["layers.1"][2], d.caches["layers.1"][4])
+    finally:
+        p.stop()
+        d.stop()
+
+
+def test_p_killed_mid_pull_fails_within_the_connect_timeout(settings):
+    p = Side(settings, seed=1, port=settings.zmq_port)
+    d = Side(settings, seed=None, port=free_port())
+    try:
+        d.client.submit(pull("t1", [1], [2], settings.zmq_port))  # parked on P
+        time.sleep(0.3)
+        p.server.stop()  # its sockets close, as in a crash: the connection drops
+        died = time.monotonic()
+        (result,) = wait_results(d.client)
+        assert not result.ok and "unreachable" in result.reason
+        assert time.monotonic() - died < settings.connect_timeout_seconds + 0.3
+    finally:
+        p.client.stop()
+        d.stop()
+
+
+def test_pull_survives_a_dropped_connection(settings):
+    """P's socket goes away and comes back (same transfer table): D asks again."""
+    settings = PDSettings(**{**settings.__dict__, "connect_timeout_seconds": 2.0})
+    p = Side(settings, seed=1, port=settings.zmq_port)
+    d = Side(settings, seed=None, port=free_port())
+    try:
+        d.client.submit(pull("t1", [1, 2], [3, 4], settings.zmq_port))  # parked on P
+        time.sleep(0.3)
+        p.server.stop()  # the parked request is lost with the connection
+        time.sleep(0.2)
+        p.start_server()
+        p.registry.register(SendSpec("t1", "p-req", (1, 2), consumers=1))
+        (result,) = wait_results(d.client)
+        assert result.ok, result.reason
+        assert torch.equal(p.caches["layers.0"][1], d.caches["layers.0"][3])
+    finally:
+        p.stop()
+        d.stop()
+
+
+def test_staging_wait_does_not_stall_the_server(pair, settings):
+    """A chunk waiting for a staging buffer queues; the loop keeps serving others."""
+    p, d = pair
+    free = threading.Event()
+    acquire = p.server.pool.try_acquire
+    p.server.pool.try_acquire = lambda n: acquire(n) if free.is_set() else None
+    p.registry.register(SendSpec("t1", "p-a", (1, 2), consumers=1))
+    p.registry.register(SendSpec("t2", "p-b", (3,), consumers=1))
+    d.client.submit(pull("t1", [1, 2], [5, 6], settings.zmq_port))
+    time.sleep(0.2)
+    d.client.notice(Notice("t2", "127.0.0.1", settings.zmq_port, "d/other"))
+    deadline, finished = time.monotonic() + 1, set()
+    while "p-b" not in finished and time.monotonic() < deadline:
+        finished |= p.registry.take_finished()
+        time.sleep(0.01)
+    assert "p-b" in finished  # served while t1's chunk waited for staging
+    free.set()
+    (result,) = wait_results(d.client)
+    assert result.ok
+
+
+def test_a_stalled_p_does_not_hold_up_pulls_from_another(settings):
+    import zmq
+
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)  # accepts chunk requests, never answers
+    silent_port = silent.bind_to_random_port("tcp://127.0.0.1")
+    p = Side(settings, seed=1, port=settings.zmq_port)
+    d = Side(settings, seed=None, port=free_port())
+    try:
+        p.registry.register(SendSpec("t1", "p-req", (1, 2, 3), consumers=1))
+        # Both pulls need more than the whole in-flight budget.
+        d.client.submit(pull("stuck", list(range(7)), list(range(7)), silent_port, key="d/s"))
+        d.client.submit(pull("t1", [1, 2, 3], [9, 10, 11], settings.zmq_port, key="d/t"))
+        start = time.monotonic()
+        while not d.results.wait(0.05):
+            assert time.monotonic() - start < 1.5, "the pull from the live P was held up"
+        (result,) = d.client.take_results()
+        assert result.ok and result.req_id == "req-1" and time.monotonic() - start < 1.5
+    finally:
+        d.stop()
+        p.stop()
+        ctx.destroy(linger=0)
 
 
 def test_unknown_transfer_fails_after_bounded_wait(pair, settings):

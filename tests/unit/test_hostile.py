@@ -4,7 +4,8 @@ import asyncio
 import json
 
 import httpx
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from .proxy_harness import harness
 

@@ -2,10 +2,7 @@
 
 import asyncio
 
-import httpx
-import pytest
-
-from proxy.backends import DECODE, PREFILL, Registry
+from proxy.backends import PREFILL, Registry
 from proxy.membership import Membership, with_host
 from proxy.settings import Settings
 

@@ -1,7 +1,15 @@
 import pytest
 
 from proxy.errors import ProxyError
-from proxy.plan import CHAT, COMPLETIONS, decode_body, plan_request, prefill_body, stitched_body, straddles_stop
+from proxy.plan import (
+    CHAT,
+    COMPLETIONS,
+    decode_body,
+    plan_request,
+    prefill_body,
+    stitched_body,
+    straddles_stop,
+)
 
 
 def plan(kind=COMPLETIONS, **body):

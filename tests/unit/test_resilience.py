@@ -1,6 +1,5 @@
 """Pool-down policies, passive ejection and re-admission, against fake backends."""
 
-import httpx
 import respx
 
 from proxy.backends import Instance, Registry

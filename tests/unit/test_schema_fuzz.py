@@ -11,7 +11,8 @@ import httpx
 import orjson
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proxy.app import create_app
 from proxy.settings import Settings
