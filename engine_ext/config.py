@@ -151,5 +151,22 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+README_BEGIN, README_END = "<!-- connector-settings:begin -->", "<!-- connector-settings:end -->"
+
+
+def readme_with_table(readme: str) -> str:
+    """The README with its connector settings table regenerated between the markers."""
+    head, rest = readme.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_BEGIN}\n{markdown_table()}\n{README_END}{tail}"
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    import sys
+    from pathlib import Path
+
+    if sys.argv[1:] == ["write"]:  # regenerate README.md's table in place
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        readme.write_text(readme_with_table(readme.read_text()))
+    else:
+        print(markdown_table())

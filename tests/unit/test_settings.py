@@ -58,3 +58,14 @@ def test_readme_table_and_env_file_are_generated():
     assert (ROOT / "config" / "pdproxy.env").read_text() == env_file(), "run: python -m proxy.settings write"
     for name in Settings.model_fields:
         assert f"PDPROXY_{name.upper()}" in readme
+
+
+def test_readme_connector_settings_table_is_generated():
+    from dataclasses import fields
+
+    from engine_ext import config
+
+    readme = (ROOT / "README.md").read_text()
+    assert config.readme_with_table(readme) == readme, "run: python -m engine_ext.config write"
+    for field in fields(config.PDSettings):
+        assert f"`{field.name}`" in readme
