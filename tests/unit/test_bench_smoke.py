@@ -160,3 +160,15 @@ def test_fake_engine_in_thread() -> None:
         assert answer["choices"][0]["token_ids"] == generate(answer["prompt_token_ids"], 3)
         assert httpx.get(engine.url + "/health", trust_env=False).status_code == 200
         assert engine.stats()["generations"] == {"plain": 1}
+
+
+def test_kv_transfer_bench_moves_the_bytes():
+    """``bench.kv_transfer`` (the host path against raw TCP) still runs and checks its data."""
+    pytest.importorskip("torch")
+    pytest.importorskip("zmq")
+    from bench import kv_transfer
+
+    report = kv_transfer.run([1], repeats=1)
+    (row,) = report["results"]
+    assert row["bytes"] == 1 << 20 and row["transport_gbps"] > 0 and row["raw_tcp_gbps"] > 0
+    assert "| 1 MiB |" in kv_transfer.table(report)
