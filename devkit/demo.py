@@ -79,33 +79,41 @@ def main() -> int:
         print(f"== prefill {prefill.url}   decode {decode.url}   proxy {proxy.url}\n", flush=True)
 
         client = OpenAI(base_url=proxy.url + "/v1", api_key="unused")
-        before_p, before_d = _stats(ports["p_ctl"]), _stats(ports["d_ctl"])
+        # One unprinted request first: the SDK's and the servers' one-time costs (pydantic
+        # building its validators, first connections) would otherwise land in the timings.
+        for _ in client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Warm up."}], max_tokens=4, temperature=0, stream=True
+        ):
+            pass
+        before_d = _stats(ports["d_ctl"])
         before_phases = _phase_sums(proxy.url)
         print(f"user> {args.prompt}\nassistant> ", end="", flush=True)
         t0 = time.perf_counter()
         first_token_at = None
         pieces = []
-        raw = client.chat.completions.with_raw_response.create(
+        usage = None
+        # with_streaming_response: the body is read as it arrives (with_raw_response would
+        # read it whole before the first chunk is parsed).
+        with client.chat.completions.with_streaming_response.create(
             model="tiny",
             messages=[{"role": "user", "content": args.prompt}],
             max_tokens=args.max_tokens,
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
-        )
-        usage = None
-        for chunk in raw.parse():
-            if chunk.usage is not None:
-                usage = chunk.usage
-            for choice in chunk.choices:
-                if choice.delta.content:
-                    first_token_at = first_token_at or time.perf_counter()
-                    pieces.append(choice.delta.content)
-                    print(choice.delta.content, end="", flush=True)
+        ) as raw:
+            for chunk in raw.parse():
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        first_token_at = first_token_at or time.perf_counter()
+                        pieces.append(choice.delta.content)
+                        print(choice.delta.content, end="", flush=True)
         total = time.perf_counter() - t0
         print("\n   (random weights: the text is noise; what matters is how it got here)\n")
         after_phases = _phase_sums(proxy.url)
-        after_p, after_d = _stats(ports["p_ctl"]), _stats(ports["d_ctl"])
+        after_d = _stats(ports["d_ctl"])
         phases = {k: (after_phases.get(k, 0.0) - before_phases.get(k, 0.0)) * 1000 for k in ("prefill", "handoff", "decode", "proxy")}
         moved = _total(after_d, "bytes_received") - _total(before_d, "bytes_received")
         transfer_s = _total(after_d, "transfer_seconds_total") - _total(before_d, "transfer_seconds_total")
