@@ -24,11 +24,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
-from starlette.requests import ClientDisconnect, Request
 from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from .backends import DECODE, PREFILL, Instance, Registry
+from .disconnect import DisconnectWatch
 from .dispatch import PATHS, STITCHED, Dispatcher
 from .errors import ProxyError
 from .legs import call_json
@@ -54,30 +55,16 @@ class ClientGone(Exception):
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await ``work`` unless the client disconnects first, in which case cancel it."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    watch = DisconnectWatch(request.receive)
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
+        return await work
+    except asyncio.CancelledError:
+        if not watch.gone:
+            raise
+        watch.absorb()
+        raise ClientGone() from None
     finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    try:
-        await task
-    except BaseException:  # noqa: BLE001 - cancelled work; its error no longer matters
-        pass
-    raise ClientGone()
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+        watch.close()
 
 
 async def read_body(request: Request, limit: int) -> bytes:

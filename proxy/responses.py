@@ -4,39 +4,40 @@ Starlette's ``StreamingResponse`` stops listening for ``http.disconnect`` on ser
 speak ASGI 2.4 and relies on the next ``send`` failing instead. A P/D stream often sends
 nothing for a while (between P's token and D's first byte, or while D is slow), and a
 client that leaves then must cancel D and free P's KV at once. So this one always
-listens, and cancels the body's generator the moment the client is gone.
+listens (:class:`~proxy.disconnect.DisconnectWatch`), and cancels the body's generator
+the moment the client is gone.
 """
 
 from __future__ import annotations
 
-from functools import partial
+import asyncio
 
-import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+from .disconnect import DisconnectWatch
 
 
 class EventStreamResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The body runs inline (its first chunk goes out without a task hop); a watcher
+        # cancels it the moment the client leaves.
+        watch = DisconnectWatch(receive)
         try:
-            async with anyio.create_task_group() as group:
-
-                async def run_then_cancel(func) -> None:
-                    try:
-                        await func()
-                    except OSError:
-                        pass  # the client went away mid-send
-                    group.cancel_scope.cancel()
-
-                group.start_soon(run_then_cancel, partial(self._stream, send))
-                await run_then_cancel(partial(self.listen_for_disconnect, receive))
+            await self._stream(send)
+        except asyncio.CancelledError:
+            if not watch.gone:
+                raise
+            watch.absorb()
+        except OSError:
+            pass  # the client went away mid-send
         finally:
+            watch.close()
             if self.background is not None:
                 # Always, even when the client left before the body ever started.
-                with anyio.CancelScope(shield=True):
-                    await self.background()
+                await asyncio.shield(self.background())
 
     async def _stream(self, send: Send) -> None:
         """Starlette's ``stream_response`` without its per-chunk checks: the body is bytes."""
