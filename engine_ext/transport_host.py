@@ -85,6 +85,38 @@ def unpin_current_thread(cpus: set[int]) -> None:
         pass
 
 
+class Waker:
+    """Wakes a ZMQ poll loop from any thread: an inproc PUSH/PULL pair.
+
+    Wake-ups coalesce: the loop drains them all, then looks at its own state (queued
+    commands, new registrations), so a wake-up already pending is as good as a new one.
+    """
+
+    def __init__(self, ctx: zmq.Context, name: str) -> None:
+        address = f"inproc://{name}-{id(self)}"
+        self.socket = ctx.socket(zmq.PULL)  # the loop polls this
+        self.socket.bind(address)
+        self._send = ctx.socket(zmq.PUSH)
+        self._send.setsockopt(zmq.SNDHWM, 1)
+        self._send.connect(address)
+        self._lock = threading.Lock()  # ZMQ sockets are not thread-safe
+
+    def wake(self) -> None:
+        with self._lock:
+            try:
+                self._send.send(b"", zmq.NOBLOCK)
+            except (zmq.Again, zmq.ContextTerminated):
+                pass  # a wake-up is already pending (or the loop is stopping)
+
+    def drain(self) -> None:
+        """Loop thread: consume every pending wake-up."""
+        while True:
+            try:
+                self.socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+
 def socket_defaults(sock: zmq.Socket, connect_timeout: float = 5.0) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     # Heartbeats (answered by the peer's ZMQ I/O thread, busy Python or not) drop the
@@ -200,13 +232,7 @@ class HostServer:
             raise RuntimeError(f"PDConnector cannot bind ZMQ port {port}: {exc}") from exc
         self.port = port
         # The engine thread wakes the loop when it registers transfers (parked pulls).
-        wake_addr = f"inproc://pd-server-wake-{id(self)}"
-        self._wake_recv = self._ctx.socket(zmq.PULL)
-        self._wake_recv.bind(wake_addr)
-        self._wake_send = self._ctx.socket(zmq.PUSH)
-        self._wake_send.setsockopt(zmq.SNDHWM, 1)
-        self._wake_send.connect(wake_addr)
-        self._wake_lock = threading.Lock()
+        self._waker = Waker(self._ctx, "pd-server-wake")
         self._parked: list[tuple[float, bytes, dict[str, Any]]] = []
         # Chunks waiting for a staging buffer (bytes of earlier chunks still on the wire).
         self._backlog: deque[tuple[float, bytes, dict[str, Any]]] = deque()
@@ -228,11 +254,7 @@ class HostServer:
 
     def wake(self) -> None:
         """Any thread: new transfers were registered; serve the pulls parked for them."""
-        with self._wake_lock:
-            try:
-                self._wake_send.send(b"", zmq.NOBLOCK)
-            except (zmq.Again, zmq.ContextTerminated):
-                pass  # a wake-up is already pending (or we are stopping)
+        self._waker.wake()
 
     # --- loop
 
@@ -248,16 +270,12 @@ class HostServer:
         unpin_current_thread(self._cpus)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._wake_recv, zmq.POLLIN)
+        poller.register(self._waker.socket, zmq.POLLIN)
         while not self._stop.is_set():
             try:
                 events = dict(poller.poll(self._timeout_ms()))
-                if self._wake_recv in events:
-                    while True:
-                        try:
-                            self._wake_recv.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
+                if self._waker.socket in events:
+                    self._waker.drain()
                 if self.sock in events:
                     for _ in range(64):  # drain, but keep parked pulls moving
                         try:

@@ -83,30 +83,24 @@ class NcclLink:
         return ncclDataTypeEnum.from_torch(torch.uint8)
 
     def send(self, data: torch.Tensor, deadline: float) -> bool:
-        from vllm.distributed.device_communicators.pynccl_wrapper import buffer_type, cudaStream_t
-
-        with torch.cuda.stream(self.stream):
-            self.lib.ncclSend(
-                buffer_type(data.data_ptr()),
-                data.numel(),
-                self._dtype(),
-                1,
-                self.comm,
-                cudaStream_t(self.stream.cuda_stream),
-            )
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        return _wait_event(event, deadline)
+        return self._transfer(self.lib.ncclSend, data, 1, deadline)
 
     def recv(self, out: torch.Tensor, deadline: float) -> bool:
+        return self._transfer(self.lib.ncclRecv, out, 0, deadline)
+
+    def _transfer(
+        self, op: Callable[..., Any], tensor: torch.Tensor, peer: int, deadline: float
+    ) -> bool:
+        """One send or receive of ``tensor`` with ``peer`` (rank 1 is D, rank 0 is P) on
+        our stream; False if it has not completed by ``deadline``."""
         from vllm.distributed.device_communicators.pynccl_wrapper import buffer_type, cudaStream_t
 
         with torch.cuda.stream(self.stream):
-            self.lib.ncclRecv(
-                buffer_type(out.data_ptr()),
-                out.numel(),
+            op(
+                buffer_type(tensor.data_ptr()),
+                tensor.numel(),
                 self._dtype(),
-                0,
+                peer,
                 self.comm,
                 cudaStream_t(self.stream.cuda_stream),
             )

@@ -34,6 +34,7 @@ from engine_ext.metadata import Notice, PullSpec
 from engine_ext.stats import WorkerCounters
 from engine_ext.transport_host import (
     BlockSource,
+    Waker,
     dumps,
     engine_cpus,
     new_context,
@@ -118,12 +119,7 @@ class HostClient:
         self.nccl = nccl  # transport_nccl.NcclClient or None
         self._cpus = engine_cpus()
         self._ctx = new_context(self._cpus)
-        self._wake_addr = f"inproc://pd-client-wake-{id(self)}"
-        self._wake_recv = self._ctx.socket(zmq.PULL)
-        self._wake_recv.bind(self._wake_addr)
-        self._wake_send = self._ctx.socket(zmq.PUSH)
-        self._wake_send.connect(self._wake_addr)
-        self._wake_lock = threading.Lock()
+        self._waker = Waker(self._ctx, "pd-client-wake")
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._results: list[PullResult] = []
         self._results_lock = threading.Lock()
@@ -161,8 +157,7 @@ class HostClient:
 
     def _command(self, kind: str, arg: Any) -> None:
         self._commands.put((kind, arg))
-        with self._wake_lock:
-            self._wake_send.send(b"", zmq.NOBLOCK)
+        self._waker.wake()
 
     # --- client thread
 
@@ -224,7 +219,7 @@ class HostClient:
 
     def _run(self) -> None:
         unpin_current_thread(self._cpus)
-        self._poller.register(self._wake_recv, zmq.POLLIN)
+        self._poller.register(self._waker.socket, zmq.POLLIN)
         while True:
             try:
                 now = time.monotonic()
@@ -232,12 +227,8 @@ class HostClient:
                 if any(not self._peer(job.endpoint).up for job in self._jobs.values()):
                     wait = min(wait, 0.05)  # watch unreachable peers' deadlines
                 events = dict(self._poller.poll(max(1, min(1000, int(wait * 1000) + 1))))
-                if self._wake_recv in events:
-                    while True:
-                        try:
-                            self._wake_recv.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
+                if self._waker.socket in events:
+                    self._waker.drain()
                     if not self._drain_commands():
                         return
                 for peer in list(self._peers.values()):
