@@ -858,6 +858,16 @@ def _continuous(gen: _Gen, completion: int, chat: bool) -> bytes:
     )
 
 
+def _close_token_chunk(parts: list[bytes], gen: _Gen, last: bool, chat: bool) -> bytes:
+    """What both endpoints' token chunks end with: continuous usage, the fingerprint."""
+    if gen.req.continuous_usage:
+        parts.append(_continuous(gen, len(gen.tokens), chat=chat))
+    if last and not gen.req.include_usage:
+        parts.append(b',"system_fingerprint":"' + SYSTEM_FINGERPRINT.encode() + b'"')
+    parts.append(b"}")
+    return b"".join(parts)
+
+
 def _completion_token_chunk(gen: _Gen, token: int, last: bool) -> bytes:
     req = gen.req
     first = len(gen.tokens) == 1
@@ -873,12 +883,7 @@ def _completion_token_chunk(gen: _Gen, token: int, last: bool) -> bytes:
         b"[%d]" % token if req.return_token_ids else b"null",
         b"}]",
     ]
-    if req.continuous_usage:
-        parts.append(_continuous(gen, len(gen.tokens), chat=False))
-    if last and not req.include_usage:
-        parts.append(b',"system_fingerprint":"' + SYSTEM_FINGERPRINT.encode() + b'"')
-    parts.append(b"}")
-    return b"".join(parts)
+    return _close_token_chunk(parts, gen, last, chat=False)
 
 
 def _chat_role_chunk(req: _Request, prefix: bytes) -> bytes:
@@ -904,12 +909,7 @@ def _chat_token_chunk(gen: _Gen, token: int, last: bool) -> bytes:
         b"[%d]" % token if req.return_token_ids else b"null",
         b"}]",
     ]
-    if req.continuous_usage:
-        parts.append(_continuous(gen, len(gen.tokens), chat=True))
-    if last and not req.include_usage:
-        parts.append(b',"system_fingerprint":"' + SYSTEM_FINGERPRINT.encode() + b'"')
-    parts.append(b"}")
-    return b"".join(parts)
+    return _close_token_chunk(parts, gen, last, chat=True)
 
 
 def _whole_answer(gen: _Gen) -> dict[str, Any]:

@@ -54,9 +54,8 @@ def first_token_time(client: httpx.Client, url: str, body: dict[str, Any]) -> fl
     return first - start
 
 
-def handoff_round(
-    client: httpx.Client, p_url: str, d_url: str, prompt: list[int]
-) -> tuple[float, str]:
+def handoff_round(client: httpx.Client, p_url: str, d_url: str, prompt: list[int]) -> float:
+    """Seconds from P's answer to D's first streamed token, for one fresh prompt."""
     body = {"model": "tiny", "prompt": prompt, "temperature": 0}
     pre = client.post(
         p_url + "/v1/completions",
@@ -65,19 +64,18 @@ def handoff_round(
     pre.raise_for_status()
     params = pre.json()["kv_transfer_params"]
     # The clock starts when P's answer is in hand, as in the proxy.
-    start = time.perf_counter()
-    with client.stream(
-        "POST",
-        d_url + "/v1/completions",
-        json={**body, "max_tokens": 2, "stream": True, "kv_transfer_params": params},
-    ) as r:
-        r.raise_for_status()
-        first = None
-        for line in r.iter_lines():
-            if first is None and line.startswith("data: {"):
-                first = time.perf_counter()
-    assert first is not None
-    return first - start, params["transfer_id"]
+    return first_token_time(client, d_url, {**body, "max_tokens": 2, "kv_transfer_params": params})
+
+
+def baseline_time(client: httpx.Client, d_url: str, rng: random.Random) -> float:
+    """D's own time to first token for a plain 8-token prompt: HTTP and one engine step."""
+    body = {
+        "model": "tiny",
+        "prompt": [rng.randrange(300, 600) for _ in range(8)],
+        "max_tokens": 2,
+        "temperature": 0,
+    }
+    return first_token_time(client, d_url, body)
 
 
 def run(p_url: str, d_url: str, requests: int, seed: int = 0) -> dict[str, Any]:
@@ -85,38 +83,15 @@ def run(p_url: str, d_url: str, requests: int, seed: int = 0) -> dict[str, Any]:
     handoffs: list[float] = []
     baseline: list[float] = []
     with httpx.Client(timeout=120) as client:
-        d_control = None
         for _ in range(3):  # warm both engines and the P->D connection
             handoff_round(client, p_url, d_url, [rng.randrange(300, 600) for _ in range(40)])
-            first_token_time(
-                client,
-                d_url,
-                {
-                    "model": "tiny",
-                    "prompt": [rng.randrange(300, 600) for _ in range(8)],
-                    "max_tokens": 2,
-                    "temperature": 0,
-                },
-            )
-        for i in range(requests):
+            baseline_time(client, d_url, rng)
+        for _ in range(requests):
             length = rng.randrange(10, 301)
             prompt = [rng.randrange(300, 600) for _ in range(length)]
-            elapsed, _ = handoff_round(client, p_url, d_url, prompt)
-            handoffs.append(elapsed)
-            baseline.append(
-                first_token_time(
-                    client,
-                    d_url,
-                    {
-                        "model": "tiny",
-                        "prompt": [rng.randrange(300, 600) for _ in range(8)],
-                        "max_tokens": 2,
-                        "temperature": 0,
-                    },
-                )
-            )
+            handoffs.append(handoff_round(client, p_url, d_url, prompt))
+            baseline.append(baseline_time(client, d_url, rng))
             time.sleep(0.05)
-        del d_control
     return {
         "handoff": summary(handoffs),
         "d_ttft_baseline": summary(baseline),
