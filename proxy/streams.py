@@ -75,9 +75,9 @@ async def decode_stream(
             for chunk in writer.opening():
                 record.first_token = record.first_token or time.perf_counter()
                 yield chunk
-            # Shielded: a client leaving cancels this generator over and over (anyio),
-            # which must not reach into the opening request's own clean-up; the
-            # finally below cancels it exactly once.
+            # Shielded: a client leaving cancels this generator, which must not reach
+            # into the opening request's own clean-up; the finally below cancels it
+            # exactly once.
             stream, inst = await asyncio.shield(opening)
             IN_FLIGHT.labels(inst.url, DECODE).inc()
             inst.acquire(plan.estimated_tokens)
