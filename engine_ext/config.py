@@ -15,7 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 MiB = 1 << 20
-TRANSPORTS = ("auto", "host", "nccl")
+TRANSPORTS = ("auto", "ipc", "nccl", "host")
 
 
 def outward_ip() -> str:
@@ -51,8 +51,10 @@ class PDSettings:
         default=5599,
     )
     transport: str = _doc(
-        "Data path: 'auto' (NCCL when both ends are CUDA on different devices, else "
-        "host), 'host' (ZMQ frames through host memory) or 'nccl' (fail if impossible).",
+        "Data path: 'auto' (CUDA engines on one host: device to device over CUDA IPC; "
+        "CUDA engines on different hosts: NCCL; otherwise host memory), 'ipc' or 'nccl' "
+        "(that path or a failed pull, which D recomputes), 'host' (ZMQ frames through "
+        "host memory only).",
         default="auto",
     )
     lease_seconds: float = _doc(
@@ -90,10 +92,12 @@ class PDSettings:
     )
     idle_step_sleep_ms: float = _doc(
         "An engine holding blocks or waiting for a pull keeps stepping with nothing "
-        "scheduled. Where the connector finds the engine's input queue, such a step "
-        "blocks until a transfer ends, a request arrives, a release or the next lease "
-        "expiry (10 s at most), so a holding engine does not spin a core; elsewhere (or "
-        "while other requests wait) it sleeps this long. 0 disables both.",
+        "scheduled. Such a step waits instead: never while a finished transfer is still "
+        "on its way through the engine, at most this long while a request here waits "
+        "for its KV (or where the connector cannot be woken), and, while the engine "
+        "only holds blocks for others, until a transfer ends, a request arrives, a "
+        "release or the next lease expiry (10 s at most), so a holding engine does not "
+        "spin a core. 0 disables the waits.",
         default=2.0,
     )
 

@@ -1,36 +1,32 @@
 """Idle engine steps: block instead of spinning while blocks are held or pulls run.
 
-vLLM keeps stepping an engine that holds blocks or waits for a load, even
-with nothing to compute, and every step keeps its worker busy-polling vLLM's
-shared-memory queue (``sched_yield`` for a second after each message): such an engine
-burns a core for as long as it holds. So in a step with nothing scheduled and nothing
-to tell the workers, :class:`IdleWaiter` blocks the engine until something happens: a
-transfer ends (workers say so over :func:`~engine_ext.metadata.wake_endpoint`), the
-proxy releases a transfer, the next lease expires, or a request reaches the engine's
-input queue (found on the call stack that builds us). Past a second of that, vLLM's own
-pollers go to sleep too. Where the input queue cannot be found (another vLLM layout,
-data parallel, other requests waiting for something else) the wait is the short,
-uninterruptible ``idle_step_sleep_ms`` instead.
+vLLM keeps stepping an engine that holds blocks or waits for a load, even with nothing
+to compute; on a CPU engine every such step keeps its worker busy-polling vLLM's
+shared-memory queue, so a holding engine burns a core for as long as it holds. In a
+step with nothing scheduled and nothing to tell the workers, :class:`IdleWaiter`
+blocks the engine instead, until something happens: a transfer ends (the workers
+announce it: :mod:`engine_ext.wake`), the proxy releases a transfer, the next lease
+expires, or a request reaches the engine's input queue (found on the call stack that
+builds us).
+
+How long a wait may last is the scheduler side's decision
+(:meth:`engine_ext.scheduler_side.PDScheduler.idle_timeout`): never while announced
+news has not come back through a step, only a few milliseconds while a request of
+this engine waits for its KV (so that no lost wake-up can cost a request more), and
+up to :data:`IDLE_WAIT_MAX_SECONDS` only while the engine merely holds blocks for
+others.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import queue
 import sys
 import threading
 import time
 from typing import Any
 
-import zmq
-
-from engine_ext.metadata import wake_endpoint
-
-logger = logging.getLogger("vllm.pd.scheduler")
-
-# Longest an idle engine blocks when anything that needs it can wake it: a safety net
-# only (wake-ups end the wait). Past one second vLLM's busy-polling stops as well.
+# Longest wait of an engine that only holds blocks for others: a safety net (the
+# events above end it). Past one second vLLM's busy-polling stops as well.
 IDLE_WAIT_MAX_SECONDS = 10.0
 
 
@@ -105,63 +101,3 @@ class IdleWaiter:
                     break
                 self._cond.wait(left)
             self._woken = False
-
-
-class WakeListener:
-    """Scheduler process: receives the workers' "a transfer ended" and wakes the waiter.
-
-    Each worker first says hello with its rank; :attr:`ready` once all have, i.e. once
-    the channel is known to work for every worker of the engine.
-    """
-
-    def __init__(self, engine_id: str, waiter: IdleWaiter, num_workers: int = 1):
-        self._waiter = waiter
-        self._num_workers = num_workers
-        self._hellos: set[bytes] = set()
-        self._ctx = zmq.Context(io_threads=1)
-        self._sock = self._ctx.socket(zmq.PULL)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self.endpoint = wake_endpoint(engine_id)
-        try:
-            self._sock.bind(self.endpoint)
-        except zmq.ZMQError as exc:
-            self._ctx.destroy(linger=0)
-            raise RuntimeError(f"cannot bind {self.endpoint}: {exc}") from exc
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="pd-wake", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                if self._sock.poll(500):
-                    wake = False
-                    while True:
-                        try:
-                            message = self._sock.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        if message.startswith(b"hello"):
-                            self._hellos.add(message)
-                        else:
-                            wake = True
-                    if wake:
-                        self._waiter.wake()
-            except zmq.ContextTerminated:
-                return
-            except Exception:  # never let the listener die silently
-                logger.exception("PD wake listener error")
-                time.sleep(0.1)
-
-    @property
-    def ready(self) -> bool:
-        return len(self._hellos) >= self._num_workers
-
-    def stop(self) -> None:
-        self._stop = True
-        self._thread.join(timeout=2)
-        self._ctx.destroy(linger=0)
-        try:
-            os.unlink(self.endpoint.removeprefix("ipc://"))
-        except OSError:
-            pass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -237,7 +238,7 @@ class BlockIO:
         if self.is_cuda:
             # Created here, on the engine thread that owns the device; transport threads
             # only enqueue on it and synchronise it, never the engine's own streams.
-            self._stream = torch.cuda.Stream(device=self.device)
+            self.stream = self._stream = torch.cuda.Stream(device=self.device)
         else:
             self._arrays = [self._as_numpy(t) for t in self.tensors]
 
@@ -328,3 +329,18 @@ class BlockIO:
                 t.index_copy_(layer.block_dim, idx, part.movedim(0, layer.block_dim))
                 offset += size
         stream.synchronize()
+
+
+def wait_event(event: torch.cuda.Event, deadline: float) -> bool:
+    """Wait for a CUDA event without spinning a core and without blocking forever.
+
+    Polls every 50 us for the first 2 ms (a pull's copy takes about that; a doubling
+    backoff would notice its end up to twice as late), then backs off to 1 ms.
+    """
+    started = time.monotonic()
+    while not event.query():
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        time.sleep(0.00005 if now - started < 0.002 else 0.001)
+    return True

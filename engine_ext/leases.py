@@ -120,13 +120,14 @@ class SendRegistry:
     """Worker-side table of held transfers (engine thread registers, server thread reads).
 
     ``on_register`` callbacks run after transfers are registered (the server serves
-    pulls parked for them), ``on_finished`` ones when a transfer may be reported as
-    finished sending (the engine stops waiting); both outside the lock.
+    pulls parked for them), ``on_finished`` ones with the request id when a transfer
+    may be reported as finished sending (the engine hears of it); both outside the
+    lock.
     """
 
     def __init__(self, memory_seconds: float = 60.0, clock=time.monotonic):
         self.on_register: list[Callable[[], None]] = []
-        self.on_finished: list[Callable[[], None]] = []
+        self.on_finished: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
         self._entries: dict[str, SendEntry] = {}
         self._finished: list[str] = []
@@ -147,13 +148,13 @@ class SendRegistry:
             finished = entry.finished
         self._notify(self.on_register)
         if finished:
-            self._notify(self.on_finished)
+            self._notify(self.on_finished, spec.req_id)
 
     @staticmethod
-    def _notify(callbacks: list[Callable[[], None]]) -> None:
+    def _notify(callbacks: list[Callable[..., None]], *args: str) -> None:
         for callback in list(callbacks):
             try:
-                callback()
+                callback(*args)
             except Exception:  # wake-ups are an optimisation; the state is what counts
                 logger.exception("PD registry: callback failed")
 
@@ -181,7 +182,7 @@ class SendRegistry:
                 self._finish_locked(entry)
             finished = entry.finished
         if finished:
-            self._notify(self.on_finished)
+            self._notify(self.on_finished, entry.spec.req_id)
 
     def consumer_done(self, transfer_id: str, key: str) -> None:
         """One consumer finished (pulled, failed or gave up). Idempotent per key."""
@@ -194,7 +195,7 @@ class SendRegistry:
             self._consumer_done_locked(entry, key)
             finished = entry.finished
         if finished:
-            self._notify(self.on_finished)
+            self._notify(self.on_finished, entry.spec.req_id)
 
     def _consumer_done_locked(self, entry: SendEntry, key: str) -> None:
         if key in entry.done_keys:
@@ -215,7 +216,11 @@ class SendRegistry:
             entry.released = True
             if entry.readers == 0:
                 self._finish_locked(entry)
-        # No wake-up: the engine thread calls this and reports at the end of the step.
+            finished = entry.finished
+        # Announced although the engine thread reports it in this very step: under
+        # async scheduling that step's output is read only after the next is planned.
+        if finished:
+            self._notify(self.on_finished, entry.spec.req_id)
         return True
 
     def _finish_locked(self, entry: SendEntry) -> None:

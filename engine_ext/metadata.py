@@ -10,9 +10,6 @@ multiprocess executor the metadata crosses a process boundary.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,15 +64,3 @@ class PDConnectorMetadata(KVConnectorMetadata):
 
     def is_empty(self) -> bool:
         return not (self.sends or self.releases or self.pulls or self.notices)
-
-
-def wake_endpoint(engine_id: str) -> str:
-    """Where workers tell their scheduler process "a transfer ended, step now".
-
-    The scheduler side binds it (ZMQ PULL, ``ipc://``), every worker of the same engine
-    connects (PUSH); both derive it from the engine id, which vLLM shares with all of an
-    engine's processes. Without it (another host, no ``ipc``), an idle engine still
-    notices finished transfers, at its next bounded idle wait.
-    """
-    digest = hashlib.sha1(engine_id.encode()).hexdigest()[:16]
-    return f"ipc://{os.path.join(tempfile.gettempdir(), f'pd-wake-{digest}')}"

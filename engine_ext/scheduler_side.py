@@ -22,17 +22,12 @@ import zmq
 
 from engine_ext.config import PDSettings
 from engine_ext.control import ControlServer
-from engine_ext.idle import (
-    IDLE_WAIT_MAX_SECONDS,
-    IdleWaiter,
-    WakeListener,
-    engine_hooks,
-    workers_have_news,
-)
+from engine_ext.idle import IDLE_WAIT_MAX_SECONDS, IdleWaiter, engine_hooks, workers_have_news
 from engine_ext.layout import blocks_to_load, spec_mismatch, spec_signature
 from engine_ext.leases import LeaseTable
 from engine_ext.metadata import Notice, PDConnectorMetadata, PullSpec, SendSpec
 from engine_ext.stats import StatsRegistry
+from engine_ext.wake import RECV, SEND, WakeListener
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -125,7 +120,7 @@ class PDScheduler:
         self.wake_listener: WakeListener | None = None
         try:
             workers = int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
-            self.wake_listener = WakeListener(engine_id, self.waiter, workers)
+            self.wake_listener = WakeListener(engine_id, self.waiter.wake, workers)
         except (RuntimeError, OSError, zmq.ZMQError) as exc:  # then: short idle sleeps
             logger.warning("PDConnector: no wake-up channel from the workers: %s", exc)
         self.control: ControlServer | None = None
@@ -312,27 +307,44 @@ class PDScheduler:
         meta.releases.extend(self.leases.take_releases())
         self._sync_gauges()
         # Holding blocks or waiting for a pull keeps the engine stepping with nothing
-        # to compute: wait for something to happen instead (see the module doc).
+        # to compute: wait for something to happen instead (see engine_ext.idle).
         if (
             self.settings.idle_step_sleep_ms
             and meta.is_empty()
             and not workers_have_news(scheduler_output)
             and (len(self.leases) or self._pulling)
         ):
-            self.waiter.wait(self._idle_timeout())
+            timeout = self.idle_timeout()
+            if timeout > 0:
+                self.waiter.wait(timeout)
         return meta
 
-    def _idle_timeout(self) -> float:
+    def idle_timeout(self) -> float:
+        """How long an idle step may block (0: not at all).
+
+        * Not at all while workers announced a transfer that no step has reported yet:
+          the news may sit in an earlier step's output that the engine reads only
+          after this step is scheduled (async scheduling pipelines steps).
+        * ``idle_step_sleep_ms`` while a request here waits for its KV, or where
+          nothing can wake us (no input queue, no wake channel, other requests
+          waiting for something else): a lost wake-up then costs a request no more.
+        * Otherwise, with blocks merely held for others, until the next lease expiry
+          (at most IDLE_WAIT_MAX_SECONDS); a request, a release or news ends it.
+        """
+        listener = self.wake_listener
+        if listener is not None and listener.has_pending():
+            return 0.0
         short = self.settings.idle_step_sleep_ms / 1000.0
         if (
-            not self.waiter.sees_requests
+            self._pulling
+            or not self.waiter.sees_requests
             or self._vllm_scheduler is None
-            or self.wake_listener is None
-            or not self.wake_listener.ready
+            or listener is None
+            or not listener.ready
         ):
             return short
         try:
-            others = self._vllm_scheduler.get_num_unfinished_requests() > len(self._pulling)
+            others = self._vllm_scheduler.get_num_unfinished_requests() > 0
         except Exception:  # noqa: BLE001 - vLLM internals: if in doubt, wait briefly
             others = True
         if others:  # e.g. a request waiting for its grammar: nothing would wake us for it
@@ -346,6 +358,9 @@ class PDScheduler:
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         if output.kv_connector_stats is not None:
             self.stats.add(output.kv_connector_stats.data)
+        if self.wake_listener is not None:
+            self.wake_listener.seen(SEND, output.finished_sending or ())
+            self.wake_listener.seen(RECV, output.finished_recving or ())
         for rid in output.finished_sending or ():
             lease = self.leases.finished(rid)
             if lease is not None and not lease.releasing:

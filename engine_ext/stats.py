@@ -24,12 +24,20 @@ WORKER_COUNTERS: dict[str, str] = {
     "chunks_sent": "Data messages sent (P side).",
     "pulls_served": "Pulls of held transfers completed by decode instances (P side).",
     "pulls_refused": "Pull requests refused: unknown transfer, layout mismatch, busy (P side).",
+    "pins_lapsed": "Blocks pinned for a decode instance's device-to-device copy that it never "
+    "finished; unpinned after pull_timeout_seconds (P side).",
     "bytes_received": "KV bytes received and written into KV blocks (D side).",
     "blocks_received": "KV blocks received, summed over TP ranks (D side).",
     "transfers_ok": "Pulls that completed and were used (D side).",
+    "transfers_ipc": "Completed pulls copied device to device over CUDA IPC (D side).",
+    "transfers_nccl": "Completed pulls received over NCCL (D side).",
+    "transfers_host": "Completed pulls received through host memory over ZMQ (D side).",
     "transfers_failed": "Pulls that failed or timed out; D recomputed (D side).",
     "transfers_cancelled": "Pulls cancelled because the decode request was aborted (D side).",
     "transfer_seconds_total": "Wall time of completed pulls, summed (D side).",
+    "move_seconds_total": "Wall time D spent putting pulled bytes into its blocks (host "
+    "scatter, NCCL receive or device-to-device copy), summed; the rest of a pull is "
+    "protocol and waiting (D side).",
 }
 SCHEDULER_COUNTERS: dict[str, str] = {
     "transfers_held_total": "Prefills whose blocks were held for pulls (P side).",

@@ -210,6 +210,7 @@ class HostServer:
         counters: WorkerCounters,
         nccl: Any = None,
         engine_id: str = "",
+        ipc: Any = None,
     ):
         self.settings = settings
         self.registry = registry
@@ -218,6 +219,9 @@ class HostServer:
         self.layout_desc = layout_desc
         self.counters = counters
         self.nccl = nccl  # transport_nccl.NcclServer or None
+        self.ipc = ipc  # transport_ipc.IpcServer or None
+        # Blocks pinned for D's device-to-device copies: consumer key -> (entry, lapse).
+        self._pins: dict[str, tuple[Any, float]] = {}
         self.engine_id = engine_id
         self.pool = StagingPool(settings.chunk_bytes, settings.max_inflight_bytes)
         self._cpus = engine_cpus()
@@ -245,12 +249,15 @@ class HostServer:
         return self
 
     def stop(self) -> None:
+        if self._stop.is_set():
+            return
         if self.wake in self.registry.on_register:
             self.registry.on_register.remove(self.wake)
         self._stop.set()
         self.wake()
         self._thread.join(timeout=5)
         self._ctx.destroy(linger=0)
+        self._unpin_all()
 
     def wake(self) -> None:
         """Any thread: new transfers were registered; serve the pulls parked for them."""
@@ -261,6 +268,9 @@ class HostServer:
     def _timeout_ms(self) -> int:
         if self._backlog:
             return 2  # staging trackers cannot be polled: look again soon
+        if self._pins:  # a pin lapses at its deadline (seconds away: coarse is fine)
+            left = min(lapse for _, lapse in self._pins.values()) - time.monotonic()
+            return max(1, min(1000, int(left * 1000) + 1))
         if self._parked:  # registration wakes us; this is a fallback and the deadline
             left = min(p[0] for p in self._parked) - time.monotonic()
             return max(1, min(50, int(left * 1000) + 1))
@@ -285,7 +295,9 @@ class HostServer:
                         self._handle(frames)
                 self._drain_backlog()
                 self._retry_parked()
+                self._lapse_pins()
             except zmq.ContextTerminated:
+                self._unpin_all()
                 return
             except Exception:  # one bad message must not kill the data plane
                 logger.exception("PD server loop error")
@@ -298,6 +310,7 @@ class HostServer:
         if op == "chunk":
             self._chunk(ident, header)
         elif op == "done":
+            self._unpin(header["key"])
             self.registry.consumer_done(header["tid"], header["key"])
             if header.get("ok"):
                 self.counters.add(pulls_served=1)
@@ -311,6 +324,41 @@ class HostServer:
     def _refuse(self, ident: bytes, request: dict[str, Any], status: str, detail: str) -> None:
         self.counters.add(pulls_refused=1)
         self._reply(ident, request, {"status": status, "detail": detail})
+
+    # --- pins (device-to-device copies by D)
+
+    def _unpin(self, key: str) -> None:
+        pin = self._pins.pop(key, None)
+        if pin is not None:
+            self.registry.end_read(pin[0])
+
+    def _lapse_pins(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, (_, lapse) in self._pins.items() if now >= lapse]:
+            logger.warning("PD server: D never finished copying for %s; unpinning", key)
+            self.counters.add(pins_lapsed=1)
+            self._unpin(key)
+
+    def _unpin_all(self) -> None:
+        for key in list(self._pins):
+            self._unpin(key)
+
+    def _serve_ipc(self, ident: bytes, h: dict[str, Any], entry: Any) -> bool:
+        """A pull D copies itself; True if the entry stays pinned for it."""
+        if self.ipc is None:
+            self._reply(ident, h, {"status": "use_host"})
+            return False
+        if h.get("epoch") != self.ipc.epoch:  # D has no (or a stale) map of us
+            self._reply(ident, h, {"status": "ipc_setup", "ipc": self.ipc.description})
+            return False
+        if h["key"] in self._pins:  # asked again (a reconnect): the pin stands
+            self._reply(ident, h, {"status": "ok", "via": "ipc"})
+            return False
+        lapse = time.monotonic() + self.settings.pull_timeout_seconds
+        self._pins[h["key"]] = (entry, lapse)
+        self._reply(ident, h, {"status": "ok", "via": "ipc"})
+        self.counters.add(blocks_sent=len(h["blocks"]), bytes_sent=self.block_io.nbytes(len(h["blocks"])))
+        return True
 
     def _retry_parked(self) -> None:
         if not self._parked:
@@ -368,9 +416,13 @@ class HostServer:
                 self._refuse(ident, h, "unknown", f"transfer {tid} released or expired")
             return True
         blocks: list[int] = h["blocks"]
+        pinned = False
         try:
             if not set(blocks) <= set(entry.spec.block_ids):
                 self._refuse(ident, h, "error", "blocks outside the transfer")
+                return True
+            if h.get("via") == "ipc":
+                pinned = self._serve_ipc(ident, h, entry)
                 return True
             if h.get("via") == "nccl":
                 if self.nccl is None:
@@ -393,7 +445,8 @@ class HostServer:
                 self._refuse(ident, h, "error", f"gather failed: {exc}")
                 return True
         finally:
-            self.registry.end_read(entry)
+            if not pinned:
+                self.registry.end_read(entry)
         head = dumps({"key": h["key"], "seq": h["seq"], "status": "ok", "nbytes": nbytes})
         tracker = self.sock.send_multipart(
             [ident, head, memoryview(buf[:nbytes])], copy=False, track=True

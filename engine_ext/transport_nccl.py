@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from engine_ext.layout import wait_event
+
 logger = logging.getLogger("vllm.pd.nccl")
 
 INIT_TIMEOUT_SECONDS = 20.0
@@ -40,17 +42,6 @@ def device_id(device: torch.device) -> str:
         return "cpu"
     props = torch.cuda.get_device_properties(device)
     return f"{socket.gethostname()}/{getattr(props, 'uuid', device.index)}"
-
-
-def _wait_event(event: torch.cuda.Event, deadline: float) -> bool:
-    """Wait for a CUDA event without spinning a core and without blocking forever."""
-    pause = 0.0001
-    while not event.query():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(pause)
-        pause = min(pause * 2, 0.002)
-    return True
 
 
 class NcclLink:
@@ -106,7 +97,7 @@ class NcclLink:
             )
             event = torch.cuda.Event()
             event.record(self.stream)
-        return _wait_event(event, deadline)
+        return wait_event(event, deadline)
 
     def abort(self) -> None:
         if self.comm is not None:

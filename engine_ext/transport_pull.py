@@ -107,7 +107,8 @@ class HostClient:
         layout_desc: dict[str, Any],
         counters: WorkerCounters,
         nccl: Any = None,
-        on_result: Callable[[], None] | None = None,
+        on_result: Callable[[PullResult], None] | None = None,
+        ipc: Any = None,
     ):
         self.settings = settings
         self.on_result = on_result  # called (client thread) after each result is queued
@@ -117,6 +118,7 @@ class HostClient:
         self.layout_desc = layout_desc
         self.counters = counters
         self.nccl = nccl  # transport_nccl.NcclClient or None
+        self.ipc = ipc  # transport_ipc.IpcClient or None
         self._cpus = engine_cpus()
         self._ctx = new_context(self._cpus)
         self._waker = Waker(self._ctx, "pd-client-wake")
@@ -189,6 +191,9 @@ class HostClient:
             peer.sock.disable_monitor()
             peer.monitor.close(linger=0)
             peer.sock.close(linger=0)
+        if self.ipc is not None:  # its memory may be freed now; a new one is tried anew
+            self.ipc.unmap(endpoint)
+            self.ipc.forget(endpoint)
 
     def _on_monitor(self, peer: _Peer) -> None:
         from zmq.utils.monitor import recv_monitor_message
@@ -226,6 +231,8 @@ class HostClient:
                 wait = min((job.deadline for job in self._jobs.values()), default=now + 1.0) - now
                 if any(not self._peer(job.endpoint).up for job in self._jobs.values()):
                     wait = min(wait, 0.05)  # watch unreachable peers' deadlines
+                elif any(not peer.up for peer in self._peers.values()):
+                    wait = min(wait, 0.25)  # and forget the ones that stay gone
                 events = dict(self._poller.poll(max(1, min(1000, int(wait * 1000) + 1))))
                 if self._waker.socket in events:
                     self._waker.drain()
@@ -237,6 +244,7 @@ class HostClient:
                     if peer.sock in events:
                         self._drain_replies(peer)
                 self._expire()
+                self._forget_gone_peers()
                 self._pump()
             except zmq.ContextTerminated:
                 return
@@ -270,21 +278,50 @@ class HostClient:
 
     def _start(self, spec: PullSpec) -> None:
         now = time.monotonic()
-        chunks = plan_chunks(
-            len(spec.remote_block_ids), self.block_io.nbytes(1), self.settings.chunk_bytes
-        )
-        job = _Job(
-            spec,
-            self.endpoint(spec.host, spec.port),
-            chunks,
-            deadline=now + self.settings.pull_timeout_seconds,
-            started=now,
-        )
-        if self.nccl is not None:
-            job.via = self.nccl.choose(job.endpoint, spec.remote_layout)
+        endpoint = self.endpoint(spec.host, spec.port)
+        job = _Job(spec, endpoint, [], deadline=now + self.settings.pull_timeout_seconds, started=now)
         self._jobs[spec.consumer_key] = job
         if len(spec.remote_block_ids) != len(spec.local_block_ids) or not spec.local_block_ids:
             self._finish(job, ok=False, reason="malformed pull (block lists differ)")
+            return
+        try:
+            self._set_path(job, self._choose(endpoint, spec.remote_layout))
+        except RuntimeError as exc:
+            self._finish(job, ok=False, reason=str(exc))
+
+    def _choose(self, endpoint: str, remote_layout: dict[str, Any]) -> str:
+        """The fastest data path both ends may share: device to device on one host
+        (IPC), else NCCL between CUDA devices, else host memory."""
+        transport = self.settings.transport
+        if self.ipc is not None and transport in ("auto", "ipc"):
+            if self.ipc.usable(endpoint, remote_layout):
+                return "ipc"
+        if transport == "ipc":
+            raise RuntimeError("transport=ipc, but this pull cannot use CUDA IPC")
+        if self.nccl is not None:
+            return self.nccl.choose(endpoint, remote_layout)
+        return "host"
+
+    def _set_path(self, job: _Job, via: str) -> None:
+        """(Re)plan a pull for a data path: one piece for a device-to-device copy
+        (nothing is staged), chunks of at most chunk_bytes otherwise."""
+        self._inflight_bytes -= sum(job.outstanding.values())
+        job.outstanding.clear()
+        job.via, job.next_chunk = via, 0
+        count = len(job.spec.remote_block_ids)
+        job.chunks = (
+            [(0, count)]
+            if via == "ipc"
+            else plan_chunks(count, self.block_io.nbytes(1), self.settings.chunk_bytes)
+        )
+
+    def _leave_ipc(self, job: _Job, reason: str) -> None:
+        """IPC is impossible with this peer: the next path takes the pull over."""
+        if self.settings.transport == "ipc":
+            raise RuntimeError(f"transport=ipc, but {reason}")
+        self.ipc.refuse(job.endpoint, reason)
+        via = self.nccl.choose(job.endpoint, job.spec.remote_layout) if self.nccl else "host"
+        self._set_path(job, via)
 
     def _pump(self) -> None:
         """Request more chunks, within each pull's window and the byte budget.
@@ -314,7 +351,8 @@ class HostClient:
                 if job.next_chunk >= len(job.chunks) or len(job.outstanding) >= WINDOW:
                     continue
                 start, end = job.chunks[job.next_chunk]
-                size = self.block_io.nbytes(end - start)
+                # A device-to-device copy stages nothing: it needs none of the budget.
+                size = self.block_io.nbytes(end - start) if job.via != "ipc" else 0
                 if self._inflight_bytes and self._inflight_bytes + size > budget:
                     continue
                 held = per_peer[job.endpoint]
@@ -331,20 +369,20 @@ class HostClient:
 
     def _request_chunk(self, job: _Job, seq: int) -> None:
         start, end = job.chunks[seq]
-        self._send(
-            job.endpoint,
-            {
-                "op": "chunk",
-                "tid": job.spec.transfer_id,
-                "key": job.spec.consumer_key,
-                "seq": seq,
-                "blocks": list(job.spec.remote_block_ids[start:end]),
-                "layout": self.layout_digest,
-                "engine": job.spec.remote_engine_id,
-                "via": job.via,
-                "dev": self.nccl.device_id if self.nccl is not None else "",
-            },
-        )
+        request = {
+            "op": "chunk",
+            "tid": job.spec.transfer_id,
+            "key": job.spec.consumer_key,
+            "seq": seq,
+            "blocks": list(job.spec.remote_block_ids[start:end]),
+            "layout": self.layout_digest,
+            "engine": job.spec.remote_engine_id,
+            "via": job.via,
+            "dev": self.nccl.device_id if self.nccl is not None else "",
+        }
+        if job.via == "ipc":
+            request["epoch"] = self.ipc.epoch(job.endpoint, job.spec.remote_engine_id)
+        self._send(job.endpoint, request)
 
     def _drain_replies(self, peer: _Peer) -> None:
         while True:
@@ -366,8 +404,12 @@ class HostClient:
         status = header.get("status")
         start, end = job.chunks[seq]
         local = job.spec.local_block_ids[start:end]
+        moving = time.monotonic()
         try:
-            if status == "ok" and header.get("via") == "nccl":
+            if status == "ok" and header.get("via") == "ipc":
+                remote = job.spec.remote_block_ids[start:end]
+                self.ipc.copy(job.endpoint, remote, local, job.deadline)
+            elif status == "ok" and header.get("via") == "nccl":
                 self.nccl.recv_chunk(job.endpoint, header, local, job.deadline)
             elif status == "ok":
                 expected = self.block_io.nbytes(end - start)
@@ -377,6 +419,18 @@ class HostClient:
                 if data.nbytes != expected:
                     raise ValueError(f"chunk {seq}: got {data.nbytes} bytes, expected {expected}")
                 self.block_io.scatter(local, data)
+            elif status == "ipc_setup" or (status == "use_host" and job.via == "ipc"):
+                # P sent the handles to map (D has no map of this P process yet), or
+                # offers no IPC: map and ask again, or hand the pull to the next path.
+                description = header.get("ipc") if status == "ipc_setup" else None
+                if not (
+                    description
+                    and self.ipc.map(job.endpoint, job.spec.remote_engine_id, description)
+                ):
+                    self._leave_ipc(job, "P's KV cannot be mapped here")
+                    return
+                self._request_chunk(job, seq)
+                return
             elif status in ("use_host", "nccl_setup"):
                 # P prefers the host path (same device, host setting, no NCCL), or it
                 # created a communicator for us: join it, else fall back to host.
@@ -403,11 +457,23 @@ class HostClient:
             logger.exception("PD client: chunk %d of %s failed", seq, job.spec.transfer_id)
             self._finish(job, ok=False, reason=f"chunk {seq}: {exc}")
             return
+        self.counters.add(move_seconds_total=time.monotonic() - moving)
         self._inflight_bytes -= job.outstanding.pop(seq)
         job.done_chunks += 1
         job.nbytes += self.block_io.nbytes(end - start)
         if job.done_chunks == len(job.chunks):
             self._finish(job, ok=True)
+
+    def _forget_gone_peers(self) -> None:
+        """Drop peers that stayed unreachable for the connect timeout with no pull
+        waiting on them: a dead P's socket, and its KV memory that an IPC mapping
+        would otherwise keep allocated on the GPU."""
+        now, timeout = time.monotonic(), self.settings.connect_timeout_seconds
+        busy = {job.endpoint for job in self._jobs.values()}
+        for endpoint, peer in list(self._peers.items()):
+            if endpoint not in busy and not peer.up and now - peer.down_since >= timeout:
+                logger.info("PD client: forgetting %s (unreachable for %.1fs)", endpoint, timeout)
+                self._drop_peer(endpoint)
 
     def _expire(self) -> None:
         now, timeout = time.monotonic(), self.settings.connect_timeout_seconds
@@ -457,6 +523,7 @@ class HostClient:
                 blocks_received=len(job.spec.local_block_ids),
                 transfers_ok=1,
                 transfer_seconds_total=elapsed,
+                **{f"transfers_{job.via}": 1},
             )
         elif cancelled:
             self.counters.add(transfers_cancelled=1)
@@ -478,6 +545,6 @@ class HostClient:
             self._results.append(result)
         if self.on_result is not None:
             try:
-                self.on_result()
+                self.on_result(result)
             except Exception:  # a wake-up is an optimisation; never lose the result
                 logger.exception("PD client: on_result callback failed")

@@ -10,26 +10,25 @@ vLLM's hooks: held transfers that are done as *finished sending*, pulls that end
 ``kv_load_failure_policy: recompute`` vLLM recomputes them and the client still gets a
 correct answer), and counter deltas as connector stats. The bytes themselves move on
 the transport threads (:mod:`engine_ext.transport_host`), never on the engine thread;
-when a transfer ends there, the scheduler process is woken
-(:func:`~engine_ext.metadata.wake_endpoint`) so that an idle engine reports it at once.
+when a transfer ends there, the scheduler process hears of it
+(:mod:`engine_ext.wake`) so that an idle engine reports it at once.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 import torch
-import zmq
 
 from engine_ext.config import PDSettings
 from engine_ext.layout import BlockIO, KVLayout
 from engine_ext.leases import SendRegistry
-from engine_ext.metadata import PDConnectorMetadata, wake_endpoint
+from engine_ext.metadata import PDConnectorMetadata
 from engine_ext.stats import PDKVConnectorStats, WorkerCounters
 from engine_ext.transport_host import HostServer
-from engine_ext.transport_pull import HostClient
+from engine_ext.transport_pull import HostClient, PullResult
+from engine_ext.wake import RECV, SEND, Announcer
 
 logger = logging.getLogger("vllm.pd.worker")
 
@@ -41,33 +40,6 @@ def _tp_rank_and_size(vllm_config: Any) -> tuple[int, int]:
     from vllm.distributed.parallel_state import get_tp_group
 
     return get_tp_group().rank_in_group, size
-
-
-class SchedulerWaker:
-    """Worker process: tells the scheduler process that a transfer ended (any thread)."""
-
-    def __init__(self, engine_id: str, rank: int):
-        self._lock = threading.Lock()
-        self._ctx = zmq.Context(io_threads=1)
-        self._sock = self._ctx.socket(zmq.PUSH)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDHWM, 8)  # wake-ups coalesce; never block or pile up
-        self._sock.connect(wake_endpoint(engine_id))
-        # Proves the channel to the scheduler (queued until it binds): only then does
-        # an idle engine rely on wake-ups rather than short sleeps.
-        self._sock.send(f"hello {rank}".encode(), zmq.NOBLOCK)
-
-    def __call__(self) -> None:
-        with self._lock:
-            try:
-                self._sock.send(b"", zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # enough wake-ups pending (or shutting down)
-
-    def close(self) -> None:
-        with self._lock:
-            self._sock.close(linger=0)
-            self._ctx.term()
 
 
 class PDWorker:
@@ -84,9 +56,9 @@ class PDWorker:
         self.counters = WorkerCounters()
         self.server: HostServer | None = None
         self.client: HostClient | None = None
-        self.waker = SchedulerWaker(engine_id, self.rank) if engine_id else None
-        if self.waker is not None:
-            self.registry.on_finished.append(self.waker)
+        self.announcer = Announcer(engine_id, self.rank) if engine_id else None
+        if self.announcer is not None:
+            self.registry.on_finished.append(self._announce_sent)
         self._pulling: set[str] = set()
         self._load_errors: set[int] = set()
         self._applied: PDConnectorMetadata | None = None
@@ -95,20 +67,33 @@ class PDWorker:
         self.shutdown()  # re-registration (new KV tensors) rebinds the same port
         layout = KVLayout.from_caches(kv_caches, self.num_blocks, self.tp_size)
         block_io = BlockIO(kv_caches, layout)
+        transport = self.settings.transport
+        if transport in ("nccl", "ipc") and not block_io.is_cuda:
+            raise RuntimeError(
+                f"PDConnector transport={transport} needs CUDA KV caches, not {block_io.device}"
+            )
+        ipc_server = ipc_client = None
+        if block_io.is_cuda and transport in ("auto", "ipc"):
+            from engine_ext.transport_ipc import IpcClient, IpcServer
+
+            try:
+                ipc_server = IpcServer.for_caches(block_io.tensors)
+            except Exception as exc:  # noqa: BLE001 - then peers pull by another path
+                if transport == "ipc":
+                    raise RuntimeError(f"PDConnector transport=ipc: cannot export: {exc}") from exc
+                logger.warning("PDConnector: KV cache not exported over CUDA IPC: %s", exc)
+            ipc_client = IpcClient(block_io, self.settings, own=ipc_server)
+            ipc_client.warm_up()
         nccl_server = nccl_client = None
-        if block_io.is_cuda and self.settings.transport != "host":
+        if block_io.is_cuda and transport in ("auto", "nccl"):
             from engine_ext import transport_nccl
 
             lib = transport_nccl.load_library()
-            if lib is None and self.settings.transport == "nccl":
+            if lib is None and transport == "nccl":
                 raise RuntimeError("PDConnector transport=nccl, but NCCL cannot be loaded")
             if lib is not None:
                 nccl_server = transport_nccl.NcclServer(lib, block_io, self.settings)
                 nccl_client = transport_nccl.NcclClient(lib, block_io, self.settings)
-        elif self.settings.transport == "nccl":
-            raise RuntimeError(
-                f"PDConnector transport=nccl needs CUDA KV caches, not {block_io.device}"
-            )
         desc, digest = layout.describe(), layout.digest()
         port = self.settings.zmq_port + self.rank
         self.server = HostServer(
@@ -121,6 +106,7 @@ class PDWorker:
             self.counters,
             nccl=nccl_server,
             engine_id=self.engine_id,
+            ipc=ipc_server,
         ).start()
         self.client = HostClient(
             self.settings,
@@ -130,12 +116,13 @@ class PDWorker:
             desc,
             self.counters,
             nccl=nccl_client,
-            on_result=self.waker,
+            on_result=self._announce_received,
+            ipc=ipc_client,
         ).start()
         first = layout.layers[0] if layout.layers else None
         logger.info(
             "PDConnector worker rank %d/%d: %d layers, block dim %s, shape %s, %s, %d bytes/block, "
-            "ZMQ %s:%d, layout %s, NCCL %s",
+            "ZMQ %s:%d, layout %s, CUDA IPC %s, NCCL %s",
             self.rank,
             self.tp_size,
             len(layout.layers),
@@ -146,8 +133,17 @@ class PDWorker:
             self.settings.bind_host,
             port,
             digest,
+            "on" if ipc_server else "off",
             "on" if nccl_server else "off",
         )
+
+    def _announce_sent(self, req_id: str) -> None:
+        if self.announcer is not None:
+            self.announcer(SEND, req_id)
+
+    def _announce_received(self, result: PullResult) -> None:
+        if self.announcer is not None:
+            self.announcer(RECV, result.req_id)
 
     def start_load_kv(self, meta: PDConnectorMetadata | None) -> None:
         """Apply this step's decisions (once per metadata: at bind time, then again)."""
@@ -200,7 +196,7 @@ class PDWorker:
 
     def close(self) -> None:
         self.shutdown()
-        if self.waker is not None:
-            self.registry.on_finished.remove(self.waker)
-            self.waker.close()
-            self.waker = None
+        if self.announcer is not None:
+            self.registry.on_finished.remove(self._announce_sent)
+            self.announcer.close()
+            self.announcer = None

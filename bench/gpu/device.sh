@@ -26,7 +26,7 @@ mkdir -p "$STASH" "$OUT"
 T0=$(date +%s.%N)
 el() { python3 -c "import time; print(f'{time.time()-$T0:.1f}s')"; }
 
-case "${1:?deps|part N|final N|check}" in
+case "${1:?deps|part N|final N|realsize|check}" in
 deps)
   echo "stash before: $(ls $STASH 2>/dev/null | tr '\n' ' ')"
   cp .gpu/deps.tar "$STASH/" && tar -xf "$STASH/deps.tar" -C "$STASH" && rm "$STASH/deps.tar" || exit 1
@@ -67,6 +67,12 @@ final)
   # The proxy's own needs the image lacks (orjson, pydantic-settings), carried in extra.tar.
   if [ -f .gpu/extra.tar ]; then mkdir -p "$STASH/extra" && tar -xf .gpu/extra.tar -C "$STASH/extra" && $PIP "$STASH"/extra/*.whl; fi
   echo "installed $(el)"
+  ;;
+realsize)
+  # The hand-off at an 8B model's KV size against a single vLLM (bench/gpu/realsize.py).
+  [ -d "$SITE/vllm" ] || { echo "vLLM not installed on this machine (it went cold?)"; exit 3; }
+  export PYTHONPATH=$SITE:$(pwd)
+  timeout 570 python3 "$HERE/realsize.py" ${REALSIZE_ARGS:-}; echo "realsize rc=$? total $(el)"
   ;;
 check)
   # P/D through the proxy on vLLM 0.26 with the PDConnector (bench/gpu/pd_gpu.py).

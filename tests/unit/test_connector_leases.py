@@ -121,15 +121,20 @@ def test_registry_wakes_the_server_on_registration_and_the_engine_when_done():
     reg = SendRegistry()
     registered, finished = [], []
     reg.on_register.append(lambda: registered.append(1))
-    reg.on_finished.append(lambda: finished.append(1))
+    reg.on_finished.append(finished.append)  # told the request id
     reg.register(SendSpec("t1", "r1", (1,), consumers=1))
     assert registered == [1] and finished == []
     entry = reg.begin_read("t1")
     reg.consumer_done("t1", "k")  # still read by a gather: not finished yet
     assert finished == []
     reg.end_read(entry)
-    assert finished == [1] and reg.take_finished() == {"r1"}
+    assert finished == ["r1"] and reg.take_finished() == {"r1"}
     # A skip notice that came before the registration finishes it on registration.
     reg.consumer_done("t2", "k")
     reg.register(SendSpec("t2", "r2", (2,), consumers=1))
-    assert finished == [1, 1] and reg.take_finished() == {"r2"}
+    assert finished == ["r1", "r2"] and reg.take_finished() == {"r2"}
+    # A release by the engine thread is announced too (async scheduling reads the
+    # step that reports it only after planning the next).
+    reg.register(SendSpec("t3", "r3", (3,), consumers=1))
+    reg.release("t3")
+    assert finished == ["r1", "r2", "r3"] and reg.take_finished() == {"r3"}

@@ -18,7 +18,7 @@ from engine_ext.config import PDSettings
 from engine_ext.idle import IdleWaiter
 from engine_ext.scheduler_side import PDScheduler
 from engine_ext.stats import PDKVConnectorStats
-from engine_ext.worker_side import SchedulerWaker
+from engine_ext.wake import SEND, Announcer
 
 BS = 4  # block size
 
@@ -200,7 +200,7 @@ class Engine:
         self.sched = make_scheduler(
             hooks=(self.input_queue, fake_vllm), engine_id=self.engine_id, **settings
         )
-        self.worker = SchedulerWaker(self.engine_id, 0)  # says hello, as a worker does
+        self.worker = Announcer(self.engine_id, 0)  # says hello, as a worker does
         deadline = time.monotonic() + 5
         while not self.sched.wake_listener.ready:
             assert time.monotonic() < deadline, "no hello from the worker"
@@ -229,14 +229,28 @@ def engine():
         e.close()
 
 
+def reported(sched, sent=(), received=()):
+    """A step's output reports transfers as finished (vLLM's KVConnectorOutput)."""
+    sched.update_connector_output(
+        SimpleNamespace(
+            finished_sending=set(sent), finished_recving=set(received), kv_connector_stats=None
+        )
+    )
+
+
 def test_idle_engine_holding_blocks_waits_until_something_happens(engine):
     e = engine(idle_step_sleep_ms=2)
+    prefill(e.sched, "p0")
     prefill(e.sched, "p1")
-    assert e.idle_step() < 0.05  # carries the new send to the workers: no wait
+    assert e.idle_step() < 0.05  # carries the new sends to the workers: no wait
     # Nothing to do but hold: the step blocks (no spinning) until a worker says a
     # transfer ended...
-    threading.Timer(0.3, e.worker).start()
+    threading.Timer(0.3, e.worker, args=(SEND, "p1")).start()
     assert 0.25 <= e.idle_step() < 1.0
+    # ... and until a step has reported that news, idle steps do not block at all
+    # (the news may sit in a step the engine has not read yet) ...
+    assert e.idle_step() < 0.05
+    reported(e.sched, sent={"p1"})
     # ... or a request reaches the engine ...
     threading.Timer(0.3, e.input_queue.put_nowait, args=("request",)).start()
     assert 0.25 <= e.idle_step() < 1.0

@@ -15,6 +15,7 @@ from engine_ext.leases import SendRegistry
 from engine_ext.metadata import Notice, PullSpec, SendSpec
 from engine_ext.stats import WorkerCounters
 from engine_ext.transport_host import HostServer, StagingPool
+from engine_ext.transport_ipc import IpcClient
 from engine_ext.transport_pull import HostClient
 
 NUM_BLOCKS = 32
@@ -35,9 +36,17 @@ class Side:
     """One worker's transport pieces around its own KV caches."""
 
     def __init__(
-        self, settings: PDSettings, seed: int | None, port: int, shape=SHAPE, engine_id=""
+        self,
+        settings: PDSettings,
+        seed: int | None,
+        port: int,
+        shape=SHAPE,
+        engine_id="",
+        ipc_server=None,
+        ipc_opener=None,
     ):
         self.settings, self.port, self.engine_id = settings, port, engine_id
+        self.ipc_server = ipc_server
         self.caches = make_caches(seed) if shape == SHAPE else {"layers.0": torch.zeros(shape)}
         self.layout = KVLayout.from_caches(self.caches, NUM_BLOCKS, 1)
         self.io = BlockIO(self.caches, self.layout)
@@ -52,7 +61,8 @@ class Side:
             self.layout.digest(),
             self.layout.describe(),
             self.counters,
-            on_result=self.results.set,
+            on_result=lambda _result: self.results.set(),
+            ipc=IpcClient(self.io, settings, opener=ipc_opener) if ipc_opener else None,
         ).start()
 
     def start_server(self):
@@ -65,6 +75,7 @@ class Side:
             self.layout.describe(),
             self.counters,
             engine_id=self.engine_id,
+            ipc=self.ipc_server,
         ).start()
 
     def stop(self):
@@ -72,10 +83,9 @@ class Side:
         self.server.stop()
 
 
-@pytest.fixture
-def settings():
+def loopback_settings(**overrides) -> PDSettings:
     # Small chunks so that a pull of a few blocks takes several messages.
-    return PDSettings(
+    values = dict(
         host="127.0.0.1",
         bind_host="127.0.0.1",
         zmq_port=free_port(),
@@ -86,6 +96,12 @@ def settings():
         connect_timeout_seconds=1,
         unknown_wait_seconds=1,
     )
+    return PDSettings(**{**values, **overrides})
+
+
+@pytest.fixture
+def settings():
+    return loopback_settings()
 
 
 @pytest.fixture
