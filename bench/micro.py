@@ -126,7 +126,7 @@ def bench_timeout() -> dict[str, float]:
 
 
 def bench_sse() -> dict[str, float]:
-    from proxy.sse import SSEParser
+    from proxy.wire.sse import SSEParser
 
     event = b"data: " + STREAM_CHUNK + b"\n\n"
 
@@ -222,7 +222,7 @@ async def _bench_clients(port: int, streams: int, tokens: int, posts: int) -> di
     import httpx
 
     from bench.loadgen import _Conn, _request_bytes, _WholeSink
-    from proxy.sse import SSEParser
+    from proxy.wire.sse import SSEParser
 
     url = f"http://127.0.0.1:{port}"
     body = json.dumps({"model": "fake", "prompt": "hello", "max_tokens": tokens, "stream": True}).encode()

@@ -1,6 +1,6 @@
 """The ASGI application object, built from the environment (what uvicorn workers import)."""
 
-from .app import create_app
+from .front.app import create_app
 from .cli import configure_logging
 from .settings import load_settings
 

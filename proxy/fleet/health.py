@@ -1,0 +1,159 @@
+"""Knowing which instances can take work: passive ejection, active checks, readiness.
+
+- Passive: a leg that fails with a connection error, a timeout or a 5xx counts against
+  its instance; enough consecutive failures eject it for a while. A client's 4xx never
+  counts (BRIEF §3: breakers that counted 4xx took healthy servers out).
+- Active: a background task polls every instance's ``/health``, refreshes its load from
+  its Prometheus ``/metrics`` (running and waiting requests, KV-cache usage) and its
+  models' context lengths from ``/v1/models``. A recovered instance is re-admitted.
+- Readiness: ``/ready`` is true only after a real P/D canary generation went through the
+  proxy's own request path and was served disaggregated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+
+from .backends import DECODE, PREFILL, Instance, Registry
+from ..observe.metrics import BACKEND_ERRORS, EJECTIONS, HEALTHY
+from ..settings import Settings
+
+log = logging.getLogger("pdproxy.health")
+
+_METRIC_LINE = re.compile(rb"^(vllm:num_requests_running|vllm:num_requests_waiting|vllm:kv_cache_usage_perc)\{[^}]*\} ([0-9.eE+-]+)$", re.M)
+
+
+def record_failure(inst: Instance, leg: str, settings: Settings) -> None:
+    BACKEND_ERRORS.labels(inst.url, leg).inc()
+    inst.consecutive_failures += 1
+    now = time.monotonic()
+    if inst.consecutive_failures >= settings.eject_after_failures and inst.ejected_until <= now:
+        inst.ejected_until = now + settings.eject_seconds
+        EJECTIONS.labels(inst.url).inc()
+        log.warning("ejected %s for %.0fs after %d failures", inst.url, settings.eject_seconds, inst.consecutive_failures)
+
+
+def record_success(inst: Instance) -> None:
+    inst.consecutive_failures = 0
+
+
+def parse_load(text: bytes) -> tuple[float, float, float]:
+    """Sum running, waiting and KV usage over the server's engines (label sets)."""
+    running = waiting = usage = 0.0
+    for name, value in _METRIC_LINE.findall(text):
+        number = float(value)
+        if name.endswith(b"running"):
+            running += number
+        elif name.endswith(b"waiting"):
+            waiting += number
+        else:
+            usage = max(usage, number)
+    return running, waiting, usage
+
+
+class HealthMonitor:
+    """Background checks of every instance, and the readiness canary."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        canary: Callable[[], Awaitable[bool]],
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.canary = canary
+        self.ready = False
+        self.last_canary: float = 0.0
+        self.canary_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._client = httpx.AsyncClient(timeout=settings.health_timeout, trust_env=False)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="pdproxy-health")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self._client.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.check_all()
+                if time.monotonic() - self.last_canary >= self.settings.canary_interval or not self.ready:
+                    await self.run_canary()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the monitor must outlive any one failure
+                log.exception("health check round failed")
+            await asyncio.sleep(self.settings.health_interval)
+
+    async def check_all(self) -> None:
+        instances = self.registry.all_instances()
+        await asyncio.gather(*(self.check(inst) for inst in instances))
+
+    async def check(self, inst: Instance) -> None:
+        headers = {}
+        if self.settings.backend_api_key:
+            headers["authorization"] = f"Bearer {self.settings.backend_api_key}"
+        try:
+            response = await self._client.get(inst.url + "/health", headers=headers)
+            healthy = response.status_code == 200
+        except httpx.HTTPError:
+            healthy = False
+        if healthy and not inst.max_model_len:
+            await self._refresh_models(inst, headers)
+        if healthy:
+            await self._refresh_load(inst, headers)
+        if healthy != inst.healthy:
+            log.warning("%s is now %s", inst.url, "healthy" if healthy else "unhealthy")
+            if healthy:
+                inst.consecutive_failures = 0
+                inst.ejected_until = 0.0  # re-admitted: the active check is fresher news
+        inst.healthy = healthy
+        for role, pool in ((PREFILL, self.registry.prefill), (DECODE, self.registry.decode)):
+            if inst in pool.instances:
+                HEALTHY.labels(inst.url, role).set(1 if healthy else 0)
+
+    async def _refresh_models(self, inst: Instance, headers: dict[str, str]) -> None:
+        try:
+            response = await self._client.get(inst.url + "/v1/models", headers=headers)
+            for card in response.json().get("data", []):
+                if isinstance(card.get("max_model_len"), int):
+                    inst.max_model_len[card["id"]] = card["max_model_len"]
+        except (httpx.HTTPError, ValueError, AttributeError):
+            pass
+
+    async def _refresh_load(self, inst: Instance, headers: dict[str, str]) -> None:
+        try:
+            response = await self._client.get(inst.url + "/metrics", headers=headers)
+        except httpx.HTTPError:
+            return
+        if response.status_code == 200:
+            running, waiting, usage = parse_load(response.content)
+            inst.load.running, inst.load.waiting, inst.load.kv_usage = running, waiting, usage
+            inst.load.updated_at = time.monotonic()
+
+    async def run_canary(self) -> bool:
+        self.last_canary = time.monotonic()
+        try:
+            ok = await asyncio.wait_for(self.canary(), self.settings.canary_timeout)
+            self.canary_error = None if ok else "canary was not served disaggregated"
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            ok = False
+            self.canary_error = f"{type(exc).__name__}: {exc}"
+        if ok != self.ready:
+            log.warning("readiness is now %s%s", ok, f" ({self.canary_error})" if self.canary_error else "")
+        self.ready = ok
+        return ok
