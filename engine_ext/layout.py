@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -218,6 +218,15 @@ class KVLayout:
 
 
 # ---------------------------------------------------------------- moving blocks
+
+
+class BlockSource(Protocol):
+    """What the host path needs of a worker's KV cache (:class:`BlockIO`; fakes in tests)."""
+
+    def nbytes(self, num_blocks: int) -> int: ...
+    def gather(self, block_ids: Sequence[int], out: np.ndarray) -> None: ...
+    def scatter(self, block_ids: Sequence[int], src_buf: np.ndarray) -> None: ...
+
 
 
 class BlockIO:

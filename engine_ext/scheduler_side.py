@@ -12,7 +12,6 @@ per engine. In steps with nothing to do it blocks instead of spinning
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import time
 import uuid
@@ -25,6 +24,7 @@ from engine_ext.control import ControlServer
 from engine_ext.idle import IDLE_WAIT_MAX_SECONDS, IdleWaiter, engine_hooks, workers_have_news
 from engine_ext.layout import blocks_to_load, spec_mismatch, spec_signature
 from engine_ext.leases import LeaseTable
+from engine_ext import params as kv
 from engine_ext.metadata import Notice, PDConnectorMetadata, PullSpec, SendSpec
 from engine_ext.stats import StatsRegistry
 from engine_ext.wake import RECV, SEND, WakeListener
@@ -35,60 +35,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger("vllm.pd.scheduler")
-
-# Keys a decode request's kv_transfer_params must carry (all produced by request_finished).
-REQUIRED_PARAMS = (
-    "transfer_id",
-    "remote_engine_id",
-    "remote_host",
-    "remote_port",
-    "remote_block_ids",
-    "remote_num_tokens",
-    "layout",
-)
-
-
-def _number(value: Any, default: Any) -> Any:
-    """A positive number from client-supplied params, else the default."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return default
-    return number if math.isfinite(number) and number > 0 else default
-
-
-def is_remote_prefill(params: dict[str, Any] | None) -> bool:
-    """A decode request whose prompt KV lives on a prefill instance."""
-    return (
-        bool(params)
-        and bool(params.get("do_remote_prefill"))
-        and all(key in params for key in REQUIRED_PARAMS)
-    )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def params_problem(params: dict[str, Any], prompt_len: int, block_size: int) -> str | None:
-    """Why client-supplied remote-prefill params cannot be used (None if they can).
-
-    They come from an HTTP body: a malformed value must cost a recompute, never an
-    exception inside the engine's scheduler.
-    """
-    if not isinstance(params["transfer_id"], str) or not isinstance(params["remote_host"], str):
-        return "transfer_id and remote_host must be strings"
-    if not _is_int(params["remote_port"]) or not 0 < params["remote_port"] < 65536:
-        return "remote_port must be a port number"
-    tokens, blocks = params["remote_num_tokens"], params["remote_block_ids"]
-    if not _is_int(tokens) or tokens < 0 or not isinstance(params["layout"], dict):
-        return "remote_num_tokens must be a count and layout a dict"
-    if not isinstance(blocks, list) or not all(_is_int(b) and b >= 0 for b in blocks):
-        return "remote_block_ids must be a list of block ids"
-    if len(blocks) < math.ceil(min(tokens, prompt_len) / block_size):
-        return f"{len(blocks)} remote blocks cannot hold {min(tokens, prompt_len)} tokens"
-    return None
-
 
 class PDScheduler:
     def __init__(
@@ -147,22 +93,22 @@ class PDScheduler:
 
     def _target_tokens(self, request: Request) -> int:
         params = request.kv_transfer_params
-        return min(int(params["remote_num_tokens"]), len(request.prompt_token_ids or ()))
+        return min(int(params[kv.REMOTE_NUM_TOKENS]), len(request.prompt_token_ids or ()))
 
     def _usable(self, request: Request) -> bool:
         """Params well formed and layouts compatible; logs the reason once if not."""
         params = request.kv_transfer_params
         prompt_len = len(request.prompt_token_ids or ())
-        reason = params_problem(params, prompt_len, self.block_size)
+        reason = kv.problem(params, prompt_len, self.block_size)
         if reason is None:
-            mismatch = spec_mismatch(self.layout, params["layout"])
+            mismatch = spec_mismatch(self.layout, params[kv.LAYOUT])
             reason = mismatch and f"layout mismatch ({mismatch})"
         if reason and request.request_id not in self._warned:
             self._warned.add(request.request_id)
             logger.warning(
                 "PDConnector: not pulling KV for %s from %r: %s; recomputing the prompt",
                 request.request_id,
-                params.get("remote_host"),
+                params.get(kv.REMOTE_HOST),
                 reason,
             )
         return reason is None
@@ -171,7 +117,7 @@ class PDScheduler:
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
         params = request.kv_transfer_params
-        if not is_remote_prefill(params) or request.request_id in self._handled:
+        if not kv.is_remote_prefill(params) or request.request_id in self._handled:
             return 0, False
         if not self._usable(request):
             return 0, False
@@ -183,7 +129,7 @@ class PDScheduler:
     ) -> None:
         params = request.kv_transfer_params
         rid = request.request_id
-        if not is_remote_prefill(params) or rid in self._handled:
+        if not kv.is_remote_prefill(params) or rid in self._handled:
             return
         self._handled.add(rid)  # vLLM calls this again after the load: act only once
         if num_external_tokens <= 0:
@@ -193,7 +139,7 @@ class PDScheduler:
         local_all = blocks.get_block_ids()[0]
         try:
             remote, local = blocks_to_load(
-                params["remote_block_ids"],
+                params[kv.REMOTE_BLOCK_IDS],
                 local_all,
                 target - num_external_tokens,
                 target,
@@ -206,14 +152,14 @@ class PDScheduler:
         self._meta.pulls.append(
             PullSpec(
                 req_id=rid,
-                transfer_id=params["transfer_id"],
-                host=params["remote_host"],
-                port=int(params["remote_port"]),
+                transfer_id=params[kv.TRANSFER_ID],
+                host=params[kv.REMOTE_HOST],
+                port=int(params[kv.REMOTE_PORT]),
                 remote_block_ids=tuple(remote),
                 local_block_ids=tuple(local),
-                remote_layout=params["layout"],
+                remote_layout=params[kv.LAYOUT],
                 consumer_key=self._consumer_key(rid),
-                remote_engine_id=str(params["remote_engine_id"]),
+                remote_engine_id=str(params[kv.REMOTE_ENGINE_ID]),
             )
         )
         self._pulling[rid] = time.monotonic()
@@ -225,13 +171,13 @@ class PDScheduler:
     def _notice(self, request: Request) -> None:
         """This request will not pull: let P count its consumer as done."""
         params = request.kv_transfer_params
-        if params_problem(params, 0, self.block_size):
+        if kv.problem(params, 0, self.block_size):
             return  # nowhere sensible to send it
         self._meta.notices.append(
             Notice(
-                transfer_id=params["transfer_id"],
-                host=params["remote_host"],
-                port=int(params["remote_port"]),
+                transfer_id=params[kv.TRANSFER_ID],
+                host=params[kv.REMOTE_HOST],
+                port=int(params[kv.REMOTE_PORT]),
                 consumer_key=self._consumer_key(request.request_id),
             )
         )
@@ -246,13 +192,13 @@ class PDScheduler:
 
         params = request.kv_transfer_params
         rid = request.request_id
-        if is_remote_prefill(params):  # a decode request ends (normally or aborted)
+        if kv.is_remote_prefill(params):  # a decode request ends (normally or aborted)
             if rid not in self._handled:
                 self._notice(request)  # aborted before it was ever scheduled
             self._handled.discard(rid)
             self._warned.discard(rid)
             return False, None
-        if not params or not params.get("do_remote_decode"):
+        if not kv.wants_hold(params):
             return False, None
         finished_normally = request.status in (
             RequestStatus.FINISHED_LENGTH_CAPPED,
@@ -270,24 +216,21 @@ class PDScheduler:
             return False, None
         # Only the blocks holding prompt tokens travel (the sampled token has no KV yet).
         held = list(block_ids[: -(-prompt_len // self.block_size)])
-        consumers = int(_number(params.get("consumers"), 1))
-        lease = _number(params.get("lease_seconds"), None)
+        consumers = kv.requested_consumers(params)
         tid = uuid.uuid4().hex
-        self.leases.add(tid, rid, lease)
-        self._meta.sends.append(SendSpec(tid, rid, tuple(held), max(1, consumers)))
+        self.leases.add(tid, rid, kv.requested_lease(params))
+        self._meta.sends.append(SendSpec(tid, rid, tuple(held), consumers))
         self.stats.inc("transfers_held_total")
-        return True, {
-            "do_remote_prefill": True,
-            "do_remote_decode": False,
-            "transfer_id": tid,
-            "remote_engine_id": self.engine_id,
-            "remote_host": self.host,
-            "remote_port": self.settings.zmq_port,
-            "control_port": self.settings.control_port,
-            "remote_block_ids": held,
-            "remote_num_tokens": prompt_len,
-            "layout": self.layout,
-        }
+        return True, kv.held_params(
+            tid,
+            self.engine_id,
+            self.host,
+            self.settings.zmq_port,
+            self.settings.control_port,
+            held,
+            prompt_len,
+            self.layout,
+        )
 
     def release(self, transfer_id: str) -> bool:
         """Control plane (its own thread): stop holding a transfer's blocks next step."""

@@ -29,18 +29,10 @@ import numpy as np
 import zmq
 
 from engine_ext.config import PDSettings
-from engine_ext.layout import KVLayout, plan_chunks
+from engine_ext.layout import BlockSource, KVLayout, plan_chunks
 from engine_ext.metadata import Notice, PullSpec
+from engine_ext.sockets import Waker, dumps, engine_cpus, new_context, socket_defaults, unpin_current_thread
 from engine_ext.stats import WorkerCounters
-from engine_ext.transport_host import (
-    BlockSource,
-    Waker,
-    dumps,
-    engine_cpus,
-    new_context,
-    socket_defaults,
-    unpin_current_thread,
-)
 
 logger = logging.getLogger("vllm.pd.transport")
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from ..wire.http import HTTPPool
+from ..observe.metrics import IN_FLIGHT
 from ..settings import Settings
+from ..wire.http import HTTPPool
 
 PREFILL = "prefill"
 DECODE = "decode"
@@ -142,3 +143,23 @@ class Registry:
         self.http.close()
         await self.prefill.client.aclose()
         await self.decode.client.aclose()
+
+
+class Occupied:
+    """Counts a request as in flight on an instance while a block (or a ``with`` in a
+    stream's body) runs: the instance's load for routing and the in-flight gauge, the
+    one way every leg is counted."""
+
+    __slots__ = ("inst", "role", "tokens")
+
+    def __init__(self, inst: Instance, role: str, tokens: int) -> None:
+        self.inst, self.role, self.tokens = inst, role, tokens
+
+    def __enter__(self) -> Occupied:
+        self.inst.acquire(self.tokens)
+        IN_FLIGHT.labels(self.inst.url, self.role).inc()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inst.release(self.tokens)
+        IN_FLIGHT.labels(self.inst.url, self.role).dec()

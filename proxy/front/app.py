@@ -20,9 +20,8 @@ from starlette.types import Receive, Scope, Send
 from . import admin
 from ..fleet.backends import Registry
 from ..errors import ProxyError, error_body
-from ..serve.dispatch import STITCHED
-from ..serve.flow import DECODE_ONLY, Gateway, read_body
-from ..serve.plan import CHAT, COMPLETIONS
+from ..serve.flow import Gateway, read_body
+from ..serve.vocabulary import CHAT, COMPLETIONS, ENDPOINTS, KIND_OF_PATH, Mode
 from .guard import Guard
 from ..fleet.health import HealthMonitor
 from ..fleet.membership import Membership
@@ -77,7 +76,7 @@ class ProxyApp:
         await self._guarded(scope, receive, send)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = GENERATION.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        kind = KIND_OF_PATH.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if kind is None:
             await self.api(scope, receive, send)
             return
@@ -88,8 +87,6 @@ class ProxyApp:
             response = ProxyError(500, "internal error in the proxy").to_response()
         await response(scope, receive, send)
 
-
-GENERATION = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT}
 
 
 def create_app(settings: Settings, *, monitor: bool = True, tracing: Tracing | None = None) -> ProxyApp:
@@ -129,11 +126,11 @@ def create_app(settings: Settings, *, monitor: bool = True, tracing: Tracing | N
         return error.to_response()
 
     # Served by ProxyApp before FastAPI is reached; declared here for the OpenAPI schema.
-    @app.post("/v1/completions", openapi_extra=request_body(COMPLETION_REQUEST))
+    @app.post(ENDPOINTS[COMPLETIONS], openapi_extra=request_body(COMPLETION_REQUEST))
     async def completions(request: Request) -> Response:
         return await request.app.state.gateway.generate(request, COMPLETIONS)
 
-    @app.post("/v1/chat/completions", openapi_extra=request_body(CHAT_REQUEST))
+    @app.post(ENDPOINTS[CHAT], openapi_extra=request_body(CHAT_REQUEST))
     async def chat_completions(request: Request) -> Response:
         return await request.app.state.gateway.generate(request, CHAT)
 
@@ -221,6 +218,6 @@ async def _canary(client: httpx.AsyncClient, registry: Registry) -> bool:
     body = {"prompt": "pdproxy readiness canary", "max_tokens": 2, "temperature": 0, "ignore_eos": True}
     if model:
         body["model"] = model
-    response = await client.post("/v1/completions", json=body, headers={"x-request-id": "pdproxy-canary"})
-    return response.status_code == 200 and response.headers.get("x-pdproxy-mode") in (STITCHED, DECODE_ONLY)
+    response = await client.post(ENDPOINTS[COMPLETIONS], json=body, headers={"x-request-id": "pdproxy-canary"})
+    return response.status_code == 200 and response.headers.get("x-pdproxy-mode") in (Mode.STITCHED, Mode.DECODE)
 

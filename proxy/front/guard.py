@@ -14,10 +14,10 @@ import json
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import error_body
+from ..serve.vocabulary import KIND_OF_PATH
 from ..settings import Settings
 
 OPS_PATHS = ("/health", "/ready", "/metrics")
-GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 def _bearer(scope: Scope) -> bytes | None:
@@ -79,7 +79,7 @@ class Guard:
                     await _reject(send, 413, f"request body larger than {self.max_body} bytes")
                     return
                 break
-        limited = self.max_concurrent and path in GENERATION_PATHS
+        limited = self.max_concurrent and path in KIND_OF_PATH
         if limited:
             if self.in_flight >= self.max_concurrent:
                 await _reject(send, 429, "too many concurrent requests", [(b"retry-after", b"1")])

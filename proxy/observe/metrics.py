@@ -88,6 +88,16 @@ class RequestRecord:
     completion_tokens: int | None = None
     trace: RequestTrace = DISABLED
 
+    def leg_started(self, leg: str, url: str) -> None:
+        """A leg goes to ``url`` (again, on a retry: the prefill timer restarts, the
+        decode one keeps counting from the first try)."""
+        now = time.perf_counter()
+        if leg == "prefill":
+            self.prefill_url, self.prefill_start = url, now
+        else:
+            self.decode_url = url
+            self.decode_start = self.decode_start or now
+
     def phases(self) -> dict[str, float]:
         end = self.finished or time.perf_counter()
         total = end - self.started

@@ -30,24 +30,21 @@ from starlette.responses import JSONResponse, Response
 
 from ..fleet.backends import DECODE, PREFILL, Instance, Registry
 from .disconnect import DisconnectWatch
-from .dispatch import PATHS, STITCHED, Dispatcher
+from .dispatch import Dispatcher
 from ..errors import ProxyError
 from .legs import call_json
 from ..observe.metrics import FALLBACKS, RequestRecord
-from .plan import CHAT, Plan, plan_request, straddles_stop
+from .plan import Plan, plan_request, straddles_stop
 from .responses import EventStreamResponse
 from ..settings import PoolDownPolicy, Settings
 from ..wire.sse import DONE_EVENT
 from .stitch import PrefillResult, as_stream, fix_decode_answer, merge_stitched, prefill_only_answer
 from .streams import DecodeLeg, decode_stream, relay_stream
+from .vocabulary import CHAT, ENDPOINTS, Mode
 from ..observe.tracing import Tracing
 
 log = logging.getLogger("pdproxy")
 T = TypeVar("T")
-
-# Serving modes, as the x-pdproxy-mode header and the metrics name them.
-DECODE_ONLY, PREFILL_ONLY, COLOCATED = "decode", "prefill", "colocated"
-
 
 class ClientGone(Exception):
     """The client disconnected; nothing more is sent."""
@@ -113,7 +110,7 @@ class Gateway:
                 return await self._colocated(request, plan, record, headers, backend_headers, colocated, deadline)
 
             # 2. Prefill: P computes the prompt and one token, and holds the KV.
-            p, p_inst = await until_disconnect(request, self.dispatch.prefill(plan, record, backend_headers))
+            p, p_inst, held = await until_disconnect(request, self.dispatch.prefill(plan, record, backend_headers))
 
             # 3. Mode: was P's token the last one; can D continue exactly after it?
             mode, reason = self._choose_mode(plan, p, p_inst)
@@ -121,25 +118,27 @@ class Gateway:
             if reason:
                 record.fallback = headers["x-pdproxy-fallback"] = reason
                 FALLBACKS.labels(reason).inc()
-            if mode == PREFILL_ONLY:
-                self.dispatch.release_kv(p)  # nobody will pull it
+            if mode == Mode.PREFILL:
+                held.release()  # nobody will pull it
                 record.first_token = time.perf_counter()
                 return self._whole_answer(plan, prefill_only_answer(plan, p), headers, record)
 
             # 4 and 5. Decode on P's KV, and answer.
             if plan.stream:
                 opened = None
-                if mode == DECODE_ONLY:
+                if mode == Mode.DECODE:
                     # Nothing is sent before D's first event anyway, so wait for it here:
                     # a decode-side 4xx then reaches the client as a real HTTP status.
                     opened = await until_disconnect(
-                        request, self.dispatch.open_decode_stream_or_release(plan, p, mode, record, backend_headers, deadline)
+                        request, self.dispatch.open_decode_stream(plan, p, held, mode, record, backend_headers, deadline)
                     )
-                leg = DecodeLeg(self.dispatch, p, opened)
+                leg = DecodeLeg(self.dispatch, p, held, opened)
                 body = decode_stream(leg, plan, mode, record, backend_headers, deadline)
                 return EventStreamResponse(body, headers=headers, background=BackgroundTask(leg.cleanup))
-            d = await until_disconnect(request, self.dispatch.decode_whole(plan, p, mode, record, backend_headers, deadline))
-            answer = merge_stitched(plan, p, d) if mode == STITCHED else fix_decode_answer(plan, p, d)
+            d = await until_disconnect(
+                request, self.dispatch.decode_whole(plan, p, held, mode, record, backend_headers, deadline)
+            )
+            answer = merge_stitched(plan, p, d) if mode == Mode.STITCHED else fix_decode_answer(plan, p, d)
             return self._whole_answer(plan, answer, headers, record)
         except ProxyError as error:
             return self._error_response(error, record, headers)
@@ -164,26 +163,26 @@ class Gateway:
             return "no decode instance"
         return None
 
-    def _choose_mode(self, plan: Plan, p: PrefillResult, p_inst: Instance) -> tuple[str, str | None]:
+    def _choose_mode(self, plan: Plan, p: PrefillResult, p_inst: Instance) -> tuple[Mode, str | None]:
         """After P: was its token the last one, and can D continue after it exactly?"""
         if p.finish_reason != "length" or plan.max_tokens == 1:
-            return PREFILL_ONLY, None
+            return Mode.PREFILL, None
         context = p_inst.max_model_len.get(p.raw.get("model") or "")
         if context and p.prompt_tokens + 1 >= context:
-            return PREFILL_ONLY, None  # a single server would stop here too ("length")
+            return Mode.PREFILL, None  # a single server would stop here too ("length")
         if not self.settings.stitch:
-            return DECODE_ONLY, "stitching disabled"
+            return Mode.DECODE, "stitching disabled"
         if plan.kind == CHAT and not self.settings.stitch_chat:
-            return DECODE_ONLY, "chat stitching disabled"
+            return Mode.DECODE, "chat stitching disabled"
         if plan.stitch_blockers:
-            return DECODE_ONLY, plan.stitch_blockers[0]
+            return Mode.DECODE, plan.stitch_blockers[0]
         if plan.kind == CHAT and p.parsed_by_server:
-            return DECODE_ONLY, "server-side output parser"
+            return Mode.DECODE, "server-side output parser"
         if not p.text:
-            return DECODE_ONLY, "seam inside a character"
+            return Mode.DECODE, "seam inside a character"
         if straddles_stop(p.text, plan.stop):
-            return DECODE_ONLY, "stop string across the seam"
-        return STITCHED, None
+            return Mode.DECODE, "stop string across the seam"
+        return Mode.STITCHED, None
 
     async def _colocated(
         self,
@@ -196,24 +195,24 @@ class Gateway:
         deadline: float,
     ) -> Response:
         """One instance does everything (a decode one; a prefill one if none is up)."""
-        record.mode, record.fallback = COLOCATED, reason
+        record.mode, record.fallback = Mode.COLOCATED, reason
         FALLBACKS.labels(reason).inc()
-        headers = {**headers, "x-pdproxy-mode": COLOCATED, "x-pdproxy-fallback": reason}
-        path = PATHS[plan.kind]
+        headers = {**headers, "x-pdproxy-mode": Mode.COLOCATED, "x-pdproxy-fallback": reason}
+        path = ENDPOINTS[plan.kind]
         if plan.stream:
             stream, inst = await until_disconnect(
                 request, self.dispatch.open_stream(record, path, plan.body, backend_headers, deadline, plan.estimated_tokens)
             )
             return EventStreamResponse(relay_stream(stream, inst, record, plan.estimated_tokens), headers=headers)
         loop = asyncio.get_running_loop()
+
+        async def attempt(pool, inst: Instance, leg_headers: dict[str, str]) -> dict[str, Any]:
+            timeout = max(deadline - loop.time(), 0.001)
+            return await call_json(self.registry.http, inst, DECODE, path, plan.body, leg_headers, timeout)
+
         answer = await until_disconnect(
             request,
-            self.dispatch.on_decode_instances(
-                record,
-                lambda pool, inst, h: call_json(self.registry.http, inst, DECODE, path, plan.body, h, max(deadline - loop.time(), 0.001)),
-                backend_headers,
-                plan.estimated_tokens,
-            ),
+            self.dispatch.on_instances(DECODE, record, attempt, backend_headers, plan.estimated_tokens),
         )
         record.first_token = time.perf_counter()
         return self._whole_answer(plan, answer, headers, record, already_final=True)

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import bad_request
+from .kv_params import prefill_params
+from .vocabulary import CHAT, COMPLETIONS
 
-COMPLETIONS = "completions"
-CHAT = "chat"
 
 # Completions' protocol default when max_tokens is absent or null (vLLM and OpenAI).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -352,10 +352,7 @@ def prefill_body(plan: Plan, consumers: int) -> dict[str, Any]:
     body["n"] = 1
     body["min_tokens"] = min(plan.min_tokens, 1)
     body["return_token_ids"] = True
-    params: dict[str, Any] = {"do_remote_decode": True}
-    if consumers > 1:
-        params["consumers"] = consumers
-    body["kv_transfer_params"] = params
+    body["kv_transfer_params"] = prefill_params(consumers)
     return body
 
 

@@ -23,7 +23,8 @@ from typing import Any
 
 from ..errors import ProxyError
 from ..wire.jsonutil import dumps, loads
-from .plan import CHAT, Plan
+from .plan import Plan
+from .vocabulary import CHAT, Mode
 from ..wire.sse import event
 
 
@@ -334,8 +335,8 @@ class DecodeRelay(_Writer):
         return []
 
 
-def make_writer(mode: str, plan: Plan, p: PrefillResult) -> _Writer:
-    if mode == "decode":
+def make_writer(mode: Mode, plan: Plan, p: PrefillResult) -> _Writer:
+    if mode == Mode.DECODE:
         return DecodeRelay(plan, p)
     return ChatStitcher(plan, p) if plan.kind == CHAT else CompletionStitcher(plan, p)
 

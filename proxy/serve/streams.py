@@ -14,15 +14,17 @@ from collections.abc import AsyncIterator
 
 import anyio
 
-from ..fleet import health
-from ..fleet.backends import DECODE, Instance
-from .dispatch import Dispatcher
 from ..errors import ProxyError, stream_error_event
-from .legs import EventStream, LegError
-from ..observe.metrics import IN_FLIGHT, ITL, RequestRecord
-from .plan import Plan
+from ..fleet import health
+from ..fleet.backends import DECODE, Instance, Occupied
+from ..observe.metrics import ITL, RequestRecord
 from ..wire.sse import DONE_EVENT
+from .dispatch import Dispatcher
+from .held_kv import HeldKV
+from .legs import EventStream, LegError
+from .plan import Plan
 from .stitch import PrefillResult, load_event, make_writer
+from .vocabulary import Mode
 
 
 class DecodeLeg:
@@ -33,9 +35,16 @@ class DecodeLeg:
     closes a stream opened ahead (decode mode) or frees P's KV that no D will pull.
     """
 
-    def __init__(self, dispatcher: Dispatcher, p: PrefillResult, opened: tuple[EventStream, Instance] | None) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        p: PrefillResult,
+        held: HeldKV,
+        opened: tuple[EventStream, Instance] | None,
+    ) -> None:
         self.dispatcher = dispatcher
         self.p = p
+        self.held = held
         self.opened = opened
         self.started = False
 
@@ -44,32 +53,32 @@ class DecodeLeg:
             return
         if self.opened is not None:
             await self.opened[0].aclose()
-        else:
-            self.dispatcher.release_kv(self.p)
+        self.held.release()
 
 
 async def decode_stream(
     leg: DecodeLeg,
     plan: Plan,
-    mode: str,
+    mode: Mode,
     record: RequestRecord,
     headers: dict[str, str],
     deadline: float,
 ) -> AsyncIterator[bytes]:
     """The client's stream after P: P's token first when stitched, then D's events."""
     leg.started = True
-    dispatcher, p = leg.dispatcher, leg.p
+    dispatcher, p, held = leg.dispatcher, leg.p, leg.held
     writer = make_writer(mode, plan, p)
     if leg.opened is None:
         # Stitched: D starts now, while P's token goes to the client.
         opening: asyncio.Future[tuple[EventStream, Instance]] = asyncio.ensure_future(
-            dispatcher.open_decode_stream(plan, p, mode, record, headers, deadline)
+            dispatcher.open_decode_stream(plan, p, held, mode, record, headers, deadline)
         )
     else:
         opening = asyncio.get_running_loop().create_future()
         opening.set_result(leg.opened)
     stream: EventStream | None = None
     inst: Instance | None = None
+    occupied: Occupied | None = None
     try:
         try:
             for chunk in writer.opening():
@@ -79,8 +88,7 @@ async def decode_stream(
             # into the opening request's own clean-up; the finally below cancels it
             # exactly once.
             stream, inst = await asyncio.shield(opening)
-            IN_FLIGHT.labels(inst.url, DECODE).inc()
-            inst.acquire(plan.estimated_tokens)
+            occupied = Occupied(inst, DECODE, plan.estimated_tokens).__enter__()
             itl = ITL.labels(record.endpoint)
             rewrite = writer.rewrite
             last = time.perf_counter()
@@ -110,23 +118,22 @@ async def decode_stream(
         raise
     finally:
         if stream is None:
-            # D never started: cancel its opening, and free P's KV now, not at lease expiry.
+            # D never started: cancel its opening; P's KV is freed now, not at lease expiry.
             opening.cancel()
             opening.add_done_callback(_settle_abandoned)
-            dispatcher.release_kv(p)
         else:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()  # closing the connection makes vLLM abort D's request
-        if inst is not None:
-            inst.release(plan.estimated_tokens)
-            IN_FLIGHT.labels(inst.url, DECODE).dec()
+        held.release()  # a no-op once D took the KV
+        if occupied is not None:
+            occupied.__exit__(None, None, None)
         record.completion_tokens = writer.completion_tokens_seen
         record.finish()
 
 
 async def relay_stream(stream: EventStream, inst: Instance, record: RequestRecord, tokens: int) -> AsyncIterator[bytes]:
     """A backend's stream passed through as it is (each event checked to be sound)."""
-    inst.acquire(tokens)
+    occupied = Occupied(inst, DECODE, tokens).__enter__()
     try:
         try:
             async for batch in stream.batches():
@@ -146,7 +153,7 @@ async def relay_stream(stream: EventStream, inst: Instance, record: RequestRecor
     finally:
         with anyio.CancelScope(shield=True):
             await stream.aclose()
-        inst.release(tokens)
+        occupied.__exit__(None, None, None)
         record.finish()
 
 

@@ -2,14 +2,13 @@ import pytest
 
 from proxy.errors import ProxyError
 from proxy.serve.plan import (
-    CHAT,
-    COMPLETIONS,
     decode_body,
     plan_request,
     prefill_body,
     stitched_body,
     straddles_stop,
 )
+from proxy.serve.vocabulary import CHAT, COMPLETIONS
 
 
 def plan(kind=COMPLETIONS, **body):
