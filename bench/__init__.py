@@ -1,1 +1,1 @@
-"""Benchmarks of the proxy: a fake vLLM engine, a load generator and the runner (``python -m bench``)."""
+"""Benchmarks: a fake vLLM engine, a load generator and the runner (``python -m bench``)."""

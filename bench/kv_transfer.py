@@ -84,7 +84,14 @@ def settings(port: int, chunk_bytes: int | None = None):
     )
 
 
-def p_process(conn, zmq_port: int, tcp_port: int, num_blocks: int, chunk_bytes: int | None, device: str = "cpu") -> None:
+def p_process(
+    conn,
+    zmq_port: int,
+    tcp_port: int,
+    num_blocks: int,
+    chunk_bytes: int | None,
+    device: str = "cpu",
+) -> None:
     """The prefill side: serves pulls with the real server; feeds the raw TCP baseline."""
     from engine_ext.layout import BlockIO, KVLayout
     from engine_ext.leases import SendRegistry
@@ -150,7 +157,9 @@ def raw_tcp(conn, tcp_port: int, buf: bytearray, nbytes: int) -> float:
     return elapsed
 
 
-def run(sizes_mib: list[int], repeats: int, chunk_bytes: int | None = None, device: str = "cpu") -> dict[str, Any]:
+def run(
+    sizes_mib: list[int], repeats: int, chunk_bytes: int | None = None, device: str = "cpu"
+) -> dict[str, Any]:
     from devkit.servers import free_port
     from engine_ext.layout import BlockIO, KVLayout
     from engine_ext.metadata import PullSpec
@@ -162,7 +171,9 @@ def run(sizes_mib: list[int], repeats: int, chunk_bytes: int | None = None, devi
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(
-        target=p_process, args=(child, zmq_port, tcp_port, num_blocks, chunk_bytes, device), daemon=True
+        target=p_process,
+        args=(child, zmq_port, tcp_port, num_blocks, chunk_bytes, device),
+        daemon=True,
     )
     proc.start()
     caches = make_caches(num_blocks, seed=None, device=device)
@@ -278,7 +289,10 @@ def table(report: dict[str, Any]) -> str:
             f"{r['transport_gbps']:.2f} | {r['ratio']:.2f} |"
         )
         if cuda:
-            row += f" {r['d2h_gbps']:.1f} | {r['h2d_gbps']:.1f} | {r['d2h_then_h2d_gbps']:.1f} | {r['ratio_to_copy']:.2f} |"
+            row += (
+                f" {r['d2h_gbps']:.1f} | {r['h2d_gbps']:.1f} | {r['d2h_then_h2d_gbps']:.1f} "
+                f"| {r['ratio_to_copy']:.2f} |"
+            )
         rows.append(row)
     return "\n".join(rows)
 
@@ -290,7 +304,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--chunk-mib", type=int, help="override chunk_bytes (MiB); default: the connector's"
     )
-    parser.add_argument("--device", default="cpu", help="where the KV caches live: cpu or cuda (the GPU host path)")
+    parser.add_argument(
+        "--device", default="cpu", help="where the KV caches live: cpu or cuda (the GPU host path)"
+    )
     parser.add_argument("--out", help="write the JSON report here")
     args = parser.parse_args(argv)
     chunk = args.chunk_mib * MiB if args.chunk_mib else None

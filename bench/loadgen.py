@@ -123,7 +123,17 @@ class ClientError(Exception):
 class _Conn(asyncio.Protocol):
     """One keep-alive HTTP/1.1 client connection; one request at a time."""
 
-    __slots__ = ("closed", "headers", "headers_wanted", "keep_alive", "parser", "served_mode", "sink", "transport", "waiter")
+    __slots__ = (
+        "closed",
+        "headers",
+        "headers_wanted",
+        "keep_alive",
+        "parser",
+        "served_mode",
+        "sink",
+        "transport",
+        "waiter",
+    )
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -151,7 +161,9 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ClientError("connection closed before the answer was complete"))
+            self.waiter.set_exception(
+                ClientError("connection closed before the answer was complete")
+            )
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -196,7 +208,20 @@ class _Conn(asyncio.Protocol):
 class _StreamSink:
     """Reads an SSE answer; timestamps token chunks as they arrive."""
 
-    __slots__ = ("body", "buf", "chunks", "done", "error", "events", "first", "last", "max_gap", "status", "usage", "window")
+    __slots__ = (
+        "body",
+        "buf",
+        "chunks",
+        "done",
+        "error",
+        "events",
+        "first",
+        "last",
+        "max_gap",
+        "status",
+        "usage",
+        "window",
+    )
 
     def __init__(self, window: _Window, keep_events: bool) -> None:
         self.window = window
@@ -277,7 +302,9 @@ class _WholeSink:
         return b"".join(self.parts)
 
 
-def _request_bytes(method: str, host: str, path: str, body: bytes, extra_headers: str = "") -> bytes:
+def _request_bytes(
+    method: str, host: str, path: str, body: bytes, extra_headers: str = ""
+) -> bytes:
     return (
         f"{method} {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
         f"accept: */*\r\ncontent-length: {len(body)}\r\n{extra_headers}\r\n"
@@ -333,7 +360,9 @@ class _User:
             if conn is not None:
                 conn.close()
 
-    async def _send(self, target: _Target, data: bytes, sink: Any, want_headers: bool = False) -> tuple[int, _Conn]:
+    async def _send(
+        self, target: _Target, data: bytes, sink: Any, want_headers: bool = False
+    ) -> tuple[int, _Conn]:
         conn = await target.conn(self.conns.get(target.hostport))
         self.conns[target.hostport] = conn
         try:
@@ -359,7 +388,9 @@ class _User:
             error = None if status == 200 else f"HTTP {status}: {whole.body()[:200]!r}"
             if status == 200:
                 self.window.chunks += 1 if self.window.start <= end < self.window.end else 0
-            sample = Sample(t0 - self.window.t0, end - t0, end - t0, 1 if status == 200 else 0, status, error)
+            sample = Sample(
+                t0 - self.window.t0, end - t0, end - t0, 1 if status == 200 else 0, status, error
+            )
             sample.served_mode = conn.served_mode
             return sample
         sink = _StreamSink(self.window, spec.keep_events)
@@ -368,7 +399,9 @@ class _User:
         sample.served_mode = conn.served_mode
         return sample
 
-    def _finish_stream(self, t0: float, sink: _StreamSink, status: int, headers: dict[str, str] | None) -> Sample:
+    def _finish_stream(
+        self, t0: float, sink: _StreamSink, status: int, headers: dict[str, str] | None
+    ) -> Sample:
         end = time.perf_counter()
         error = sink.error
         if status != 200:
@@ -403,9 +436,18 @@ class _User:
         p_body["kv_transfer_params"] = {"do_remote_decode": True}
         whole = _WholeSink()
         path = PATHS[spec.endpoint]
-        status, _ = await self._send(p, _request_bytes("POST", p.hostport, path, _dumps(p_body)), whole)
+        status, _ = await self._send(
+            p, _request_bytes("POST", p.hostport, path, _dumps(p_body)), whole
+        )
         if status != 200:
-            return Sample(t0 - self.window.t0, None, time.perf_counter() - t0, 0, status, f"prefill HTTP {status}")
+            return Sample(
+                t0 - self.window.t0,
+                None,
+                time.perf_counter() - t0,
+                0,
+                status,
+                f"prefill HTTP {status}",
+            )
         answer = _loads(whole.body())
         sink = _StreamSink(self.window, spec.keep_events)
         sink.status = 200
@@ -413,7 +455,9 @@ class _User:
         if sink.events is not None:
             sink.events.append(b"data: " + whole.body())
         choice = answer["choices"][0]
-        prompt_ids = answer["prompt_token_ids"] if spec.endpoint == "chat" else choice["prompt_token_ids"]
+        prompt_ids = (
+            answer["prompt_token_ids"] if spec.endpoint == "chat" else choice["prompt_token_ids"]
+        )
         d_body = {k: v for k, v in body.items() if k not in ("prompt", "messages")}
         d_body["prompt"] = [*prompt_ids, choice["token_ids"][0]]
         d_body["max_tokens"] = spec.tokens - 1
@@ -424,7 +468,9 @@ class _User:
             sink.done = True
             return self._finish_stream(t0, sink, 200, None)
         sink.status = 0
-        status, _ = await self._send(d, _request_bytes("POST", d.hostport, PATHS["completions"], _dumps(d_body)), sink)
+        status, _ = await self._send(
+            d, _request_bytes("POST", d.hostport, PATHS["completions"], _dumps(d_body)), sink
+        )
         sample = self._finish_stream(t0, sink, status, None)
         if sample.completion_tokens is not None:
             sample.completion_tokens += 1
@@ -454,7 +500,8 @@ class LoadResult:
         out = dataclasses.asdict(self)
         if with_samples and self.samples is not None:
             out["samples"] = [
-                {k: v for k, v in dataclasses.asdict(s).items() if k not in ("events", "headers")} for s in self.samples
+                {k: v for k, v in dataclasses.asdict(s).items() if k not in ("events", "headers")}
+                for s in self.samples
             ]
         else:
             out.pop("samples")
@@ -476,7 +523,10 @@ def percentiles(values: Any, points: tuple[float, ...] = (50, 90, 99)) -> dict[s
         return out
     except ImportError:  # pragma: no cover
         ordered = sorted(v * 1000 for v in values)
-        out = {f"p{p:g}": ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] for p in points}
+        out = {
+            f"p{p:g}": ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+            for p in points
+        }
         out["mean"] = sum(ordered) / len(ordered)
         out["max"] = ordered[-1]
         return out
@@ -530,7 +580,11 @@ async def run(
                     return
                 started = now
                 try:
-                    coro = u.one_direct(p_target, d_target, base) if spec.mode == "direct-pd" else u.one(target, path, body_bytes)
+                    coro = (
+                        u.one_direct(p_target, d_target, base)
+                        if spec.mode == "direct-pd"
+                        else u.one(target, path, body_bytes)
+                    )
                     sample = await asyncio.wait_for(coro, spec.timeout)
                 except TimeoutError:
                     u.close()
@@ -539,7 +593,14 @@ async def run(
                 except (OSError, ClientError) as exc:
                     u.close()
                     u.conns.clear()
-                    sample = Sample(started - t0, None, time.perf_counter() - started, 0, 0, f"{type(exc).__name__}: {exc}")
+                    sample = Sample(
+                        started - t0,
+                        None,
+                        time.perf_counter() - started,
+                        0,
+                        0,
+                        f"{type(exc).__name__}: {exc}",
+                    )
                     await asyncio.sleep(0.05)  # do not spin on a refused connection
                 end = time.perf_counter()
                 if window.start <= end < window.end and sample.error is None:
@@ -580,7 +641,9 @@ async def run(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.loadgen", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--endpoint", choices=sorted(PATHS), default="completions")
     parser.add_argument("--direct-pd", nargs=2, metavar=("PREFILL_URL", "DECODE_URL"))
@@ -591,7 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--model", default="fake")
     parser.add_argument("--no-stream", action="store_true")
-    parser.add_argument("--samples", action="store_true", help="include per-request samples in the JSON")
+    parser.add_argument(
+        "--samples", action="store_true", help="include per-request samples in the JSON"
+    )
     return parser
 
 

@@ -30,7 +30,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 STREAM_CHUNK = (
     b'{"id":"cmpl-1d0285930000000001f3","object":"text_completion","created":1795561950,"model":"fake",'
-    b'"choices":[{"index":0,"text":" w1775","logprobs":null,"finish_reason":null,"stop_reason":null,'
+    b'"choices":[{"index":0,"text":" w1775","logprobs":null,"finish_reason":null,'
+    b'"stop_reason":null,'
     b'"prompt_token_ids":null,"token_ids":null}]}'
 )
 
@@ -52,15 +53,27 @@ def bench_json() -> dict[str, float]:
 
     def stdlib() -> bytes:
         chunk = json.loads(STREAM_CHUNK)
-        chunk["id"], chunk["created"], chunk["model"] = ident["id"], ident["created"], ident["model"]
+        chunk["id"], chunk["created"], chunk["model"] = (
+            ident["id"],
+            ident["created"],
+            ident["model"],
+        )
         for choice in chunk["choices"]:
             if choice.get("prompt_token_ids") is not None:
                 choice["prompt_token_ids"] = None
-        return b"data: " + json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+        return (
+            b"data: "
+            + json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode()
+            + b"\n\n"
+        )
 
     def with_orjson() -> bytes:
         chunk = orjson.loads(STREAM_CHUNK)
-        chunk["id"], chunk["created"], chunk["model"] = ident["id"], ident["created"], ident["model"]
+        chunk["id"], chunk["created"], chunk["model"] = (
+            ident["id"],
+            ident["created"],
+            ident["model"],
+        )
         for choice in chunk["choices"]:
             if choice.get("prompt_token_ids") is not None:
                 choice["prompt_token_ids"] = None
@@ -113,7 +126,11 @@ def bench_timeout() -> dict[str, float]:
             del last
 
         out = {}
-        for name, fn in (("await, no timeout", plain), ("asyncio.timeout per await", with_timeout), ("clock read per await", deadline_check)):
+        for name, fn in (
+            ("await, no timeout", plain),
+            ("asyncio.timeout per await", with_timeout),
+            ("clock read per await", deadline_check),
+        ):
             start = time.process_time()
             await fn()
             out[name] = (time.process_time() - start) / n * 1e6
@@ -148,10 +165,18 @@ def bench_sse() -> dict[str, float]:
     n = 100_000
     four = event * 4
     return {
-        "SSEParser.feed, one event per read (us/event)": _cpu_us(lambda: list(parser.feed(event)), n),
+        "SSEParser.feed, one event per read (us/event)": _cpu_us(
+            lambda: list(parser.feed(event)), n
+        ),
         "fast split, one event per read (us/event)": _cpu_us(lambda: fast_split(b"", event), n),
-        "SSEParser.feed, four events per read (us/event)": _cpu_us(lambda: list(parser.feed(four)), n // 4) / 4,
-        "fast split, four events per read (us/event)": _cpu_us(lambda: fast_split(b"", four), n // 4) / 4,
+        "SSEParser.feed, four events per read (us/event)": _cpu_us(
+            lambda: list(parser.feed(four)), n // 4
+        )
+        / 4,
+        "fast split, four events per read (us/event)": _cpu_us(
+            lambda: fast_split(b"", four), n // 4
+        )
+        / 4,
     }
 
 
@@ -162,7 +187,13 @@ def bench_metrics() -> dict[str, float]:
     from prometheus_client import CollectorRegistry, Histogram
 
     registry = CollectorRegistry()
-    hist = Histogram("x_seconds", "x", ["endpoint"], registry=registry, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+    hist = Histogram(
+        "x_seconds",
+        "x",
+        ["endpoint"],
+        registry=registry,
+        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    )
     child = hist.labels("chat")
     n = 200_000
     return {
@@ -177,8 +208,23 @@ def bench_metrics() -> dict[str, float]:
 
 def _start_fake(port: int, itl_ms: float, core: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    argv = ["taskset", "-c", core, sys.executable, "-m", "bench.fake_engine", "--port", str(port), "--prefill-ms", "1", "--itl-ms", str(itl_ms)]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    argv = [
+        "taskset",
+        "-c",
+        core,
+        sys.executable,
+        "-m",
+        "bench.fake",
+        "--port",
+        str(port),
+        "--prefill-ms",
+        "1",
+        "--itl-ms",
+        str(itl_ms),
+    ]
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     import httpx
 
     for _ in range(100):
@@ -191,7 +237,9 @@ def _start_fake(port: int, itl_ms: float, core: str) -> subprocess.Popen:
     raise RuntimeError("fake engine did not start")
 
 
-async def _streams(open_stream: Callable[[], Awaitable[int]], streams: int, rounds: int) -> tuple[float, int]:
+async def _streams(
+    open_stream: Callable[[], Awaitable[int]], streams: int, rounds: int
+) -> tuple[float, int]:
     async def user() -> int:
         total = 0
         for _ in range(rounds):
@@ -203,7 +251,9 @@ async def _streams(open_stream: Callable[[], Awaitable[int]], streams: int, roun
     return time.process_time() - start, sum(counts)
 
 
-def bench_clients(streams: int = 128, tokens: int = 128, itl_ms: float = 10.0, posts: int = 3000) -> dict[str, float]:
+def bench_clients(
+    streams: int = 128, tokens: int = 128, itl_ms: float = 10.0, posts: int = 3000
+) -> dict[str, float]:
     from devkit.servers import free_port
 
     port = free_port()
@@ -225,8 +275,17 @@ async def _bench_clients(port: int, streams: int, tokens: int, posts: int) -> di
     from proxy.wire.sse import SSEParser
 
     url = f"http://127.0.0.1:{port}"
-    body = json.dumps({"model": "fake", "prompt": "hello", "max_tokens": tokens, "stream": True}).encode()
-    small = json.dumps({"model": "fake", "prompt": "hello", "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}).encode()
+    body = json.dumps(
+        {"model": "fake", "prompt": "hello", "max_tokens": tokens, "stream": True}
+    ).encode()
+    small = json.dumps(
+        {
+            "model": "fake",
+            "prompt": "hello",
+            "max_tokens": 1,
+            "kv_transfer_params": {"do_remote_decode": True},
+        }
+    ).encode()
     headers = {"content-type": "application/json"}
     out: dict[str, float] = {}
 
@@ -235,7 +294,9 @@ async def _bench_clients(port: int, streams: int, tokens: int, posts: int) -> di
 
         async def httpx_stream() -> int:
             parser, count = SSEParser(), 0
-            async with client.stream("POST", url + "/v1/completions", content=body, headers=headers) as response:
+            async with client.stream(
+                "POST", url + "/v1/completions", content=body, headers=headers
+            ) as response:
                 async for piece in response.aiter_raw():
                     count += sum(1 for _ in parser.feed(piece))
             return count
@@ -257,7 +318,9 @@ async def _bench_clients(port: int, streams: int, tokens: int, posts: int) -> di
 
         async def aiohttp_stream() -> int:
             parser, count = SSEParser(), 0
-            async with session.post(url + "/v1/completions", data=body, headers=headers) as response:
+            async with session.post(
+                url + "/v1/completions", data=body, headers=headers
+            ) as response:
                 async for piece in response.content.iter_any():
                     count += sum(1 for _ in parser.feed(piece))
             return count
@@ -267,7 +330,9 @@ async def _bench_clients(port: int, streams: int, tokens: int, posts: int) -> di
         out["stream: aiohttp iter_any + SSEParser (us/event)"] = cpu / events * 1e6
 
         async def aiohttp_post() -> int:
-            async with session.post(url + "/v1/completions", data=small, headers=headers) as response:
+            async with session.post(
+                url + "/v1/completions", data=small, headers=headers
+            ) as response:
                 json.loads(await response.read())
             return 1
 
@@ -344,12 +409,21 @@ async def _bench_pool(port: int) -> dict[str, float]:
         async with httpx.AsyncClient(limits=limits, trust_env=False, timeout=60) as client:
             # Park `held` idle keep-alive connections in the pool, then time sequential POSTs.
             if held:
-                await asyncio.gather(*(client.post(url, content=small, headers={"content-type": "application/json"}) for _ in range(held)))
+                await asyncio.gather(
+                    *(
+                        client.post(
+                            url, content=small, headers={"content-type": "application/json"}
+                        )
+                        for _ in range(held)
+                    )
+                )
             n = 1000
             start = time.process_time()
             for _ in range(n):
                 await client.post(url, content=small, headers={"content-type": "application/json"})
-            out[f"httpx POST with {held} idle pooled connections (us/request)"] = (time.process_time() - start) / n * 1e6
+            out[f"httpx POST with {held} idle pooled connections (us/request)"] = (
+                (time.process_time() - start) / n * 1e6
+            )
     return out
 
 
@@ -362,7 +436,14 @@ def _run(coro: Awaitable[Any]) -> Any:
         return asyncio.run(coro)  # type: ignore[arg-type]
 
 
-BENCHES = {"json": bench_json, "sse": bench_sse, "timeout": bench_timeout, "metrics": bench_metrics, "clients": bench_clients, "pool": bench_pool}
+BENCHES = {
+    "json": bench_json,
+    "sse": bench_sse,
+    "timeout": bench_timeout,
+    "metrics": bench_metrics,
+    "clients": bench_clients,
+    "pool": bench_pool,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,12 +46,30 @@ def py_spy() -> str | None:
     return str(here) if here.exists() else shutil.which("py-spy")
 
 
-def start(pid: int, seconds: float, out: Path, rate: int = 200, cores: str | None = None) -> subprocess.Popen | None:
-    """Record ``pid`` (and its worker subprocesses) for ``seconds`` into ``out`` (collapsed stacks)."""
+def start(
+    pid: int, seconds: float, out: Path, rate: int = 200, cores: str | None = None
+) -> subprocess.Popen | None:
+    """Record ``pid`` and its worker subprocesses for ``seconds`` into ``out`` (collapsed
+    stacks)."""
     exe = py_spy()
     if exe is None:
         return None
-    argv = [exe, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", str(rate), "-f", "raw", "-o", str(out), "--nonblocking", "--subprocesses"]
+    argv = [
+        exe,
+        "record",
+        "-p",
+        str(pid),
+        "-d",
+        str(max(1, int(seconds))),
+        "-r",
+        str(rate),
+        "-f",
+        "raw",
+        "-o",
+        str(out),
+        "--nonblocking",
+        "--subprocesses",
+    ]
     if cores:
         argv = ["taskset", "-c", cores, *argv]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

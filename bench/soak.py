@@ -43,8 +43,20 @@ def open_fds(pids: list[int]) -> int:
 
 def fake(name: str, log_dir: Path, itl_ms: float, prefill_ms: float) -> Process:
     port = free_port()
-    argv = [sys.executable, "-m", "bench.fake_engine", "--port", str(port), "--itl-ms", str(itl_ms), "--prefill-ms", str(prefill_ms)]
-    return Process(name, argv, dict(os.environ), port, log_dir / f"{name}.log", ready_path="/health")
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.fake",
+        "--port",
+        str(port),
+        "--itl-ms",
+        str(itl_ms),
+        "--prefill-ms",
+        str(prefill_ms),
+    ]
+    return Process(
+        name, argv, dict(os.environ), port, log_dir / f"{name}.log", ready_path="/health"
+    )
 
 
 async def soak(args: argparse.Namespace) -> dict:
@@ -67,7 +79,9 @@ async def soak(args: argparse.Namespace) -> dict:
                 "PDPROXY_LOG_LEVEL": "warning",
             }
         )
-        proxy = Process("soak-proxy", [sys.executable, "-m", "proxy"], env, port, log_dir / "proxy.log").start()
+        proxy = Process(
+            "soak-proxy", [sys.executable, "-m", "proxy"], env, port, log_dir / "proxy.log"
+        ).start()
         procs.append(proxy)
         proxy.wait_ready(30)
         assert proxy.proc is not None
@@ -78,7 +92,13 @@ async def soak(args: argparse.Namespace) -> dict:
         async def sample_forever() -> None:
             while True:
                 pids = descendants(proxy.proc.pid)
-                samples.append({"t": round(time.monotonic() - start, 1), "rss": rss_bytes(pids), "fds": open_fds(pids)})
+                samples.append(
+                    {
+                        "t": round(time.monotonic() - start, 1),
+                        "rss": rss_bytes(pids),
+                        "fds": open_fds(pids),
+                    }
+                )
                 await asyncio.sleep(args.sample_every)
 
         sampler = asyncio.create_task(sample_forever())
@@ -110,12 +130,18 @@ async def soak(args: argparse.Namespace) -> dict:
             "rss_after_warmup_mib": round(base["rss"] / 2**20, 1),
             "rss_peak_mib": round(max(s["rss"] for s in after_warmup) / 2**20, 1),
             "rss_final_mib": round(after_warmup[-1]["rss"] / 2**20, 1),
-            "rss_growth_pct": round(100 * (max(s["rss"] for s in after_warmup) - base["rss"]) / base["rss"], 1),
+            "rss_growth_pct": round(
+                100 * (max(s["rss"] for s in after_warmup) - base["rss"]) / base["rss"], 1
+            ),
             "fds_after_warmup": base["fds"],
             "fds_final": after_warmup[-1]["fds"],
             "fds_max": max(s["fds"] for s in after_warmup),
         }
-        report["pass"] = report["errors"] == 0 and report["rss_growth_pct"] <= 10.0 and report["fds_final"] <= report["fds_after_warmup"]
+        report["pass"] = (
+            report["errors"] == 0
+            and report["rss_growth_pct"] <= 10.0
+            and report["fds_final"] <= report["fds_after_warmup"]
+        )
         return report
     finally:
         for proc in procs:
@@ -125,10 +151,14 @@ async def soak(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=1000)
-    parser.add_argument("--duration", type=float, default=600.0, help="seconds measured after warm-up")
+    parser.add_argument(
+        "--duration", type=float, default=600.0, help="seconds measured after warm-up"
+    )
     parser.add_argument("--warmup", type=float, default=60.0)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--itl-ms", type=float, default=200.0, help="fake decode's gap between tokens")
+    parser.add_argument(
+        "--itl-ms", type=float, default=200.0, help="fake decode's gap between tokens"
+    )
     parser.add_argument("--prefill-ms", type=float, default=20.0)
     parser.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
     parser.add_argument("--sample-every", type=float, default=5.0)

@@ -116,7 +116,8 @@ async def direct_cell(
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| endpoint | c | client | completed / failed | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
+        "| endpoint | c | client | completed / failed | req/s | TTFT p50 / p99 ms "
+        "| ITL p50 / p99 ms |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -127,12 +128,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             )
         else:
             lines.append(
-                f"| {row['endpoint']} | {row['concurrency']} | vllm bench → pdproxy | {v['completed']} / {v['failed']} "
-                f"| {v['request_throughput']:.1f} | {v['ttft_median_ms']:.1f} / {v['ttft_p99_ms']:.1f} "
+                f"| {row['endpoint']} | {row['concurrency']} | vllm bench → pdproxy "
+                f"| {v['completed']} / {v['failed']} | {v['request_throughput']:.1f} "
+                f"| {v['ttft_median_ms']:.1f} / {v['ttft_p99_ms']:.1f} "
                 f"| {v['itl_median_ms']:.1f} / {v['itl_p99_ms']:.1f} |"
             )
         lines.append(
-            f"| {row['endpoint']} | {row['concurrency']} | loadgen direct-pd | {d['requests']} / {d['errors']} "
+            f"| {row['endpoint']} | {row['concurrency']} | loadgen direct-pd "
+            f"| {d['requests']} / {d['errors']} "
             f"| {d['rps']:.1f} | {d['ttft_p50_ms']:.1f} / {d['ttft_p99_ms']:.1f} "
             f"| {d['itl_p50_ms']:.1f} / {d['itl_p99_ms']:.1f} |"
         )

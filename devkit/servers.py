@@ -75,7 +75,9 @@ class Process:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
             try:
                 if httpx.get(self.url + self.ready_path, timeout=2.0).status_code == 200:
                     return self
@@ -131,18 +133,24 @@ def vllm_server(
     extra_args: list[str] | None = None,
     extra_env: dict[str, str] | None = None,
 ) -> Process:
-    """A vLLM OpenAI server on CPU, configured the way BRIEF §5 says works here."""
+    """A vLLM OpenAI server on CPU: float32, a small KV cache, its own OpenMP core."""
     port = port or free_port()
     argv = [
         sys.executable,
         "-m",
         "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir),
-        "--served-model-name", served_model_name,
-        "--dtype", "float32",
-        "--max-model-len", str(max_model_len),
-        "--host", "127.0.0.1",
-        "--port", str(port),
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_model_name,
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        str(max_model_len),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
         "--enable-prompt-tokens-details",
         "--disable-uvicorn-access-log",
     ]
@@ -156,7 +164,8 @@ def vllm_server(
     env["HF_HUB_OFFLINE"] = "1"
     env["VLLM_NO_USAGE_STATS"] = "1"
     if cpu_core is not None:
-        # Every CPU server binds its OpenMP threads to core 0 by default (BRIEF §5).
+        # Every vLLM CPU server binds its OpenMP threads to core 0 by default: several
+        # servers on one machine would share one core.
         env["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu_core % (os.cpu_count() or 1))
     env.update(extra_env or {})
     return Process(name, argv, env, port, Path(log_dir) / f"{name}.log", ready_path="/health")

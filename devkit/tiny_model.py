@@ -122,5 +122,21 @@ def build(outdir: str | Path) -> Path:
     return out
 
 
+def word_token_ids(model_dir: str | Path) -> list[int]:
+    """Token ids that are whole words of the training text with a leading space, and
+    sentence punctuation. Generating only these (vLLM's ``allowed_token_ids``) turns
+    the random model's output into random words instead of stray bytes of characters."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    known = set(WORDS)
+    ids = []
+    for token_id in range(tok.get_vocab_size()):
+        text = tok.decode([token_id])
+        if (text.startswith(" ") and text[1:] in known) or text in (".", ","):
+            ids.append(token_id)
+    return ids
+
+
 if __name__ == "__main__":
     print(build(sys.argv[1] if len(sys.argv) > 1 else ".cache/tiny-llama"))

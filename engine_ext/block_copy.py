@@ -210,9 +210,7 @@ def triton_usable(device: torch.device) -> bool:
     return True
 
 
-def run_tables(
-    copy_tables: CopyTables, src_ids: Sequence[int], dst_ids: Sequence[int]
-) -> None:
+def run_tables(copy_tables: CopyTables, src_ids: Sequence[int], dst_ids: Sequence[int]) -> None:
     """Copy blocks ``src_ids`` into ``dst_ids`` of every layer, on the current stream."""
     device = copy_tables.device
     kernel = _kernel(device.type != "cuda")

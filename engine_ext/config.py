@@ -1,6 +1,6 @@
 """PDConnector settings: everything lives in ``kv_connector_extra_config``.
 
-vLLM rejects unknown top-level keys in ``--kv-transfer-config`` (BRIEF §2), so every knob
+vLLM rejects unknown top-level keys in ``--kv-transfer-config``, so every knob
 of the connector is a field of :class:`PDSettings`, read from
 ``kv_connector_extra_config``. Each field's ``doc`` metadata is the operator
 documentation (``python -m engine_ext.config`` prints it as a markdown table), so docs
@@ -43,12 +43,16 @@ class PDSettings:
     )
     bind_host: str = _doc("Interface the ZMQ and control sockets bind to.", default="0.0.0.0")
     zmq_port: int = _doc(
-        "ZMQ ROUTER port of TP rank 0; TP rank r binds zmq_port + r.", default=5600
+        "ZMQ ROUTER port of TP rank 0; TP rank r binds zmq_port + r. 0: each rank binds "
+        "a free port (peers learn them from kv_transfer_params), so several engines "
+        "share a host with no settings.",
+        default=0,
     )
     control_port: int = _doc(
         "HTTP control plane (POST /pd/release, GET /pd/stats, GET /metrics) in the "
-        "engine-core process. 0 disables it.",
-        default=5599,
+        "engine-core process. 0: a free port (advertised in kv_transfer_params, where "
+        "the proxy finds it); -1 disables it.",
+        default=0,
     )
     transport: str = _doc(
         "Data path: 'auto' (CUDA engines on one host: device to device over CUDA IPC; "
@@ -104,12 +108,10 @@ class PDSettings:
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
-        for name in ("zmq_port", "control_port"):
-            port = getattr(self, name)
-            if not 0 <= port < 65536:
-                raise ValueError(f"{name} out of range: {port}")
-        if self.zmq_port == 0:
-            raise ValueError("zmq_port must be set (peers dial it)")
+        if not 0 <= self.zmq_port < 65536:
+            raise ValueError(f"zmq_port out of range: {self.zmq_port}")
+        if not -1 <= self.control_port < 65536:
+            raise ValueError(f"control_port out of range: {self.control_port}")
         for name in (
             "lease_seconds",
             "pull_timeout_seconds",

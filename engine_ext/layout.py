@@ -228,7 +228,6 @@ class BlockSource(Protocol):
     def scatter(self, block_ids: Sequence[int], src_buf: np.ndarray) -> None: ...
 
 
-
 class BlockIO:
     """Gathers blocks of all layers into one contiguous byte buffer and back.
 

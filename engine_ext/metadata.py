@@ -43,6 +43,7 @@ class PullSpec:
     remote_layout: dict[str, Any]
     consumer_key: str  # unique per pulling request: lets P count consumers idempotently
     remote_engine_id: str = ""  # P's engine: a restarted P refuses at once, not after a wait
+    ports: tuple[int, ...] = ()  # P's ZMQ port per TP rank (empty: port + rank)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Notice:
     host: str
     port: int
     consumer_key: str
+    ports: tuple[int, ...] = ()
 
 
 @dataclass

@@ -23,6 +23,7 @@ TRANSFER_ID = "transfer_id"
 REMOTE_ENGINE_ID = "remote_engine_id"
 REMOTE_HOST = "remote_host"
 REMOTE_PORT = "remote_port"  # ZMQ port of P's TP rank 0
+REMOTE_PORTS = "remote_ports"  # ZMQ port of each of P's TP ranks (rank r: index r)
 CONTROL_PORT = "control_port"  # P's control plane (POST /pd/release)
 REMOTE_BLOCK_IDS = "remote_block_ids"
 REMOTE_NUM_TOKENS = "remote_num_tokens"
@@ -87,16 +88,24 @@ def problem(params: dict[str, Any], prompt_len: int, block_size: int) -> str | N
         return f"{REMOTE_NUM_TOKENS} must be a count and {LAYOUT} a dict"
     if not isinstance(blocks, list) or not all(_is_int(b) and b >= 0 for b in blocks):
         return f"{REMOTE_BLOCK_IDS} must be a list of block ids"
+    ports = params.get(REMOTE_PORTS, [])
+    if not isinstance(ports, list) or not all(_is_int(p) and 0 < p < 65536 for p in ports):
+        return f"{REMOTE_PORTS} must be a list of port numbers"
     if len(blocks) < math.ceil(min(tokens, prompt_len) / block_size):
         return f"{len(blocks)} remote blocks cannot hold {min(tokens, prompt_len)} tokens"
     return None
+
+
+def rank_ports(params: dict[str, Any]) -> tuple[int, ...]:
+    """P's ZMQ port per TP rank (empty: rank r listens on remote_port + r)."""
+    return tuple(params.get(REMOTE_PORTS) or ())
 
 
 def held_params(
     transfer_id: str,
     engine_id: str,
     host: str,
-    zmq_port: int,
+    zmq_ports: list[int],
     control_port: int,
     block_ids: list[int],
     num_tokens: int,
@@ -109,7 +118,8 @@ def held_params(
         TRANSFER_ID: transfer_id,
         REMOTE_ENGINE_ID: engine_id,
         REMOTE_HOST: host,
-        REMOTE_PORT: zmq_port,
+        REMOTE_PORT: zmq_ports[0],
+        REMOTE_PORTS: zmq_ports,
         CONTROL_PORT: control_port,
         REMOTE_BLOCK_IDS: block_ids,
         REMOTE_NUM_TOKENS: num_tokens,

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from engine_ext import params as kv
 from engine_ext.config import PDSettings
 from engine_ext.control import ControlServer
 from engine_ext.idle import IDLE_WAIT_MAX_SECONDS, IdleWaiter, engine_hooks, workers_have_news
 from engine_ext.layout import blocks_to_load, spec_mismatch, spec_signature
 from engine_ext.leases import LeaseTable
-from engine_ext import params as kv
 from engine_ext.metadata import Notice, PDConnectorMetadata, PullSpec, SendSpec
 from engine_ext.stats import StatsRegistry
 from engine_ext.wake import RECV, SEND, WakeListener
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger("vllm.pd.scheduler")
+
 
 class PDScheduler:
     def __init__(
@@ -69,8 +70,9 @@ class PDScheduler:
             self.wake_listener = WakeListener(engine_id, self.waiter.wake, workers)
         except (RuntimeError, OSError, zmq.ZMQError) as exc:  # then: short idle sleeps
             logger.warning("PDConnector: no wake-up channel from the workers: %s", exc)
+        self.tp_size = int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
         self.control: ControlServer | None = None
-        if settings.control_port:
+        if settings.control_port >= 0:  # 0: a free port
             self.control = ControlServer(
                 settings.bind_host,
                 settings.control_port,
@@ -78,13 +80,14 @@ class PDScheduler:
                 stats=self.stats_json,
                 metrics=self.stats.prometheus,
             ).start()
+        self.control_port = self.control.port if self.control is not None else 0
         logger.info(
-            "PDConnector scheduler side: engine %s, advertised %s, zmq %d, control %s, "
+            "PDConnector scheduler side: engine %s, advertised %s, zmq %s, control %s, "
             "idle waits %s, layout %s",
             engine_id,
             self.host,
-            settings.zmq_port,
-            settings.control_port or "off",
+            settings.zmq_port or "free ports",
+            self.control_port or "off",
             "interruptible" if self.waiter.sees_requests else "short",
             self.layout,
         )
@@ -160,6 +163,7 @@ class PDScheduler:
                 remote_layout=params[kv.LAYOUT],
                 consumer_key=self._consumer_key(rid),
                 remote_engine_id=str(params[kv.REMOTE_ENGINE_ID]),
+                ports=kv.rank_ports(params),
             )
         )
         self._pulling[rid] = time.monotonic()
@@ -179,6 +183,7 @@ class PDScheduler:
                 host=params[kv.REMOTE_HOST],
                 port=int(params[kv.REMOTE_PORT]),
                 consumer_key=self._consumer_key(request.request_id),
+                ports=kv.rank_ports(params),
             )
         )
         self.stats.inc("pulls_skipped")
@@ -214,6 +219,12 @@ class PDScheduler:
                 prompt_len,
             )
             return False, None
+        ports = self.zmq_ports()
+        if not ports:
+            logger.warning(
+                "PDConnector: not holding blocks of %s: the workers' ZMQ ports are unknown", rid
+            )
+            return False, None
         # Only the blocks holding prompt tokens travel (the sampled token has no KV yet).
         held = list(block_ids[: -(-prompt_len // self.block_size)])
         consumers = kv.requested_consumers(params)
@@ -225,12 +236,23 @@ class PDScheduler:
             tid,
             self.engine_id,
             self.host,
-            self.settings.zmq_port,
-            self.settings.control_port,
+            ports,
+            self.control_port,
             held,
             prompt_len,
             self.layout,
         )
+
+    def zmq_ports(self) -> list[int]:
+        """The ZMQ port of each TP rank's server (the workers report the ports they
+        bound); empty while unknown."""
+        if self.wake_listener is not None:
+            reported = self.wake_listener.ports
+            if all(rank in reported for rank in range(self.tp_size)):
+                return [reported[rank] for rank in range(self.tp_size)]
+        if self.settings.zmq_port:
+            return [self.settings.zmq_port + rank for rank in range(self.tp_size)]
+        return []
 
     def release(self, transfer_id: str) -> bool:
         """Control plane (its own thread): stop holding a transfer's blocks next step."""

@@ -1,6 +1,7 @@
 """ZeroMQ control and host data plane, P side: serve pulls of held blocks (ROUTER).
 
-One :class:`HostServer` per P worker (rank r binds ``zmq_port + r``); its D-side peer
+One :class:`HostServer` per P worker (rank r binds ``zmq_port + r``, or a free port);
+its D-side peer
 is :class:`engine_ext.transport_pull.HostClient` (a DEALER per P endpoint, rank r dials
 rank r). Both run on their own thread and own their sockets; the engine thread only
 registers work and collects results, so KV bytes never cross the engine loop.
@@ -39,7 +40,14 @@ import zmq
 from engine_ext.config import PDSettings
 from engine_ext.layout import BlockSource
 from engine_ext.leases import SendRegistry
-from engine_ext.sockets import Waker, dumps, engine_cpus, new_context, socket_defaults, unpin_current_thread
+from engine_ext.sockets import (
+    Waker,
+    dumps,
+    engine_cpus,
+    new_context,
+    socket_defaults,
+    unpin_current_thread,
+)
 from engine_ext.stats import WorkerCounters
 
 logger = logging.getLogger("vllm.pd.transport")
@@ -144,11 +152,12 @@ class HostServer:
         socket_defaults(self.sock, settings.connect_timeout_seconds)
         self.sock.setsockopt(zmq.SNDHWM, 0)  # bounded by the staging pool instead
         try:
-            self.sock.bind(f"tcp://{settings.bind_host}:{port}")
+            # Port 0: any free port (the scheduler side advertises the one bound).
+            self.sock.bind(f"tcp://{settings.bind_host}:{port or '*'}")
         except zmq.ZMQError as exc:
             self._ctx.destroy(linger=0)
             raise RuntimeError(f"PDConnector cannot bind ZMQ port {port}: {exc}") from exc
-        self.port = port
+        self.port = int(self.sock.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
         # The engine thread wakes the loop when it registers transfers (parked pulls).
         self._waker = Waker(self._ctx, "pd-server-wake")
         self._parked: list[tuple[float, bytes, dict[str, Any]]] = []
@@ -271,7 +280,9 @@ class HostServer:
         lapse = time.monotonic() + self.settings.pull_timeout_seconds
         self._pins[h["key"]] = (entry, lapse)
         self._reply(ident, h, {"status": "ok", "via": "ipc"})
-        self.counters.add(blocks_sent=len(h["blocks"]), bytes_sent=self.block_io.nbytes(len(h["blocks"])))
+        self.counters.add(
+            blocks_sent=len(h["blocks"]), bytes_sent=self.block_io.nbytes(len(h["blocks"]))
+        )
         return True
 
     def _retry_parked(self) -> None:

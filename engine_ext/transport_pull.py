@@ -31,7 +31,14 @@ import zmq
 from engine_ext.config import PDSettings
 from engine_ext.layout import BlockSource, KVLayout, plan_chunks
 from engine_ext.metadata import Notice, PullSpec
-from engine_ext.sockets import Waker, dumps, engine_cpus, new_context, socket_defaults, unpin_current_thread
+from engine_ext.sockets import (
+    Waker,
+    dumps,
+    engine_cpus,
+    new_context,
+    socket_defaults,
+    unpin_current_thread,
+)
 from engine_ext.stats import WorkerCounters
 
 logger = logging.getLogger("vllm.pd.transport")
@@ -155,8 +162,9 @@ class HostClient:
 
     # --- client thread
 
-    def endpoint(self, host: str, port: int) -> str:
-        return f"tcp://{host}:{port + self.rank}"
+    def endpoint(self, host: str, port: int, ports: tuple[int, ...] = ()) -> str:
+        """P's worker of our rank: its own port if P said, else rank 0's port + rank."""
+        return f"tcp://{host}:{ports[self.rank] if self.rank < len(ports) else port + self.rank}"
 
     def _peer(self, endpoint: str) -> _Peer:
         peer = self._peers.get(endpoint)
@@ -257,7 +265,7 @@ class HostClient:
                 self._start(arg)
             elif kind == "notice":
                 done = {"op": "done", "tid": arg.transfer_id, "key": arg.consumer_key, "ok": False}
-                self._send(self.endpoint(arg.host, arg.port), done)
+                self._send(self.endpoint(arg.host, arg.port, arg.ports), done)
             elif kind == "cancel":
                 for job in [j for j in self._jobs.values() if j.spec.req_id in arg]:
                     self._finish(job, ok=False, reason="request aborted", cancelled=True)
@@ -270,8 +278,10 @@ class HostClient:
 
     def _start(self, spec: PullSpec) -> None:
         now = time.monotonic()
-        endpoint = self.endpoint(spec.host, spec.port)
-        job = _Job(spec, endpoint, [], deadline=now + self.settings.pull_timeout_seconds, started=now)
+        endpoint = self.endpoint(spec.host, spec.port, spec.ports)
+        job = _Job(
+            spec, endpoint, [], deadline=now + self.settings.pull_timeout_seconds, started=now
+        )
         self._jobs[spec.consumer_key] = job
         if len(spec.remote_block_ids) != len(spec.local_block_ids) or not spec.local_block_ids:
             self._finish(job, ok=False, reason="malformed pull (block lists differ)")

@@ -65,6 +65,11 @@ class Announcer:
         self._sock.send(f"hello {rank}".encode(), zmq.NOBLOCK)
         self._dropped = 0
 
+    def port(self, rank: int, port: int) -> None:
+        """Tell the scheduler process which ZMQ port this rank's server bound."""
+        with self._lock:
+            self._sock.send(f"port {rank} {port}".encode(), zmq.NOBLOCK)
+
     def __call__(self, kind: str, req_id: str) -> None:
         with self._lock:
             try:
@@ -102,6 +107,7 @@ class WakeListener:
         self._num_workers = num_workers
         self._clock = clock
         self._hellos: set[bytes] = set()
+        self.ports: dict[int, int] = {}  # TP rank -> the ZMQ port its worker bound
         self._lock = threading.Lock()
         self._pending: dict[str, float] = {}  # "kind req_id" -> when first announced
         # Recently reported by a step. The listener thread can lag the engine thread,
@@ -143,6 +149,10 @@ class WakeListener:
                 break
             if message.startswith(b"hello"):
                 self._hellos.add(message)
+                continue
+            if message.startswith(b"port "):
+                _, rank, port = message.split()
+                self.ports[int(rank)] = int(port)
                 continue
             news.append(message.decode())
         if news:

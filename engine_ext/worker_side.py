@@ -95,7 +95,7 @@ class PDWorker:
                 nccl_server = transport_nccl.NcclServer(lib, block_io, self.settings)
                 nccl_client = transport_nccl.NcclClient(lib, block_io, self.settings)
         desc, digest = layout.describe(), layout.digest()
-        port = self.settings.zmq_port + self.rank
+        port = self.settings.zmq_port + self.rank if self.settings.zmq_port else 0
         self.server = HostServer(
             self.settings,
             port,
@@ -119,6 +119,8 @@ class PDWorker:
             on_result=self._announce_received,
             ipc=ipc_client,
         ).start()
+        if self.announcer is not None:  # the scheduler advertises it to D
+            self.announcer.port(self.rank, self.server.port)
         first = layout.layers[0] if layout.layers else None
         logger.info(
             "PDConnector worker rank %d/%d: %d layers, block dim %s, shape %s, %s, %d bytes/block, "
@@ -131,7 +133,7 @@ class PDWorker:
             first and first.dtype,
             layout.bytes_per_block,
             self.settings.bind_host,
-            port,
+            self.server.port,
             digest,
             "on" if ipc_server else "off",
             "on" if nccl_server else "off",

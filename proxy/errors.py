@@ -29,7 +29,9 @@ _TYPES = {
 }
 
 
-def error_body(status: int, message: str, *, param: str | None = None, err_type: str | None = None) -> dict[str, Any]:
+def error_body(
+    status: int, message: str, *, param: str | None = None, err_type: str | None = None
+) -> dict[str, Any]:
     return {
         "error": {
             "message": message,
@@ -56,6 +58,7 @@ class ProxyError(Exception):
         param: str | None = None,
         body: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
+        err_type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -64,14 +67,12 @@ class ProxyError(Exception):
         self.param = param
         self.body = body
         self.headers = headers or {}
-
-    @property
-    def is_backend_fault(self) -> bool:
-        """True for failures of the backend itself (not of the client's request)."""
-        return self.status >= 500
+        self.err_type = err_type
 
     def to_body(self) -> dict[str, Any]:
-        return self.body if self.body is not None else error_body(self.status, self.message, param=self.param)
+        if self.body is not None:
+            return self.body
+        return error_body(self.status, self.message, param=self.param, err_type=self.err_type)
 
     def to_response(self, headers: dict[str, str] | None = None) -> Response:
         merged = {**self.headers, **(headers or {})}

@@ -1,7 +1,7 @@
 """The ASGI application object, built from the environment (what uvicorn workers import)."""
 
-from .front.app import create_app
 from .cli import configure_logging
+from .front.app import create_app
 from .settings import load_settings
 
 settings = load_settings()

@@ -46,12 +46,20 @@ PROMPTS = [
 
 
 def gpu_server(name: str, model: Path, extra_config: dict | None, log_dir: Path) -> servers.Process:
-    argv_extra = ["--gpu-memory-utilization", "0.2", "--kv-cache-memory-bytes", "2147483648", "--enforce-eager"]
+    argv_extra = [
+        "--gpu-memory-utilization",
+        "0.2",
+        "--kv-cache-memory-bytes",
+        "2147483648",
+        "--enforce-eager",
+    ]
     return servers.vllm_server(
         name,
         model,
         log_dir,
-        kv_transfer_config=servers.pd_connector_config(**extra_config) if extra_config is not None else None,
+        kv_transfer_config=servers.pd_connector_config(**extra_config)
+        if extra_config is not None
+        else None,
         extra_args=argv_extra,
         extra_env={"VLLM_USE_FLASHINFER_SAMPLER": "0"},
     )
@@ -63,7 +71,10 @@ def stats(url: str) -> dict:
 
 def total(tree: object, key: str) -> float:
     if isinstance(tree, dict):
-        return sum((v if k == key and isinstance(v, (int, float)) else total(v, key)) for k, v in tree.items())
+        return sum(
+            (v if k == key and isinstance(v, (int, float)) else total(v, key))
+            for k, v in tree.items()
+        )
     if isinstance(tree, list):
         return sum(total(v, key) for v in tree)
     return 0.0
@@ -75,8 +86,19 @@ def equality(ref: str, proxy: str) -> dict:
         for prompt in PROMPTS:
             for stream in (False, True):
                 for path, body in (
-                    ("/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0}),
-                    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 24, "temperature": 0}),
+                    (
+                        "/v1/completions",
+                        {"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0},
+                    ),
+                    (
+                        "/v1/chat/completions",
+                        {
+                            "model": "tiny",
+                            "messages": [{"role": "user", "content": prompt}],
+                            "max_tokens": 24,
+                            "temperature": 0,
+                        },
+                    ),
                 ):
                     body = dict(body, stream=stream)
                     if stream:
@@ -86,28 +108,56 @@ def equality(ref: str, proxy: str) -> dict:
                     mode = got.headers.get("x-pdproxy-mode", "?")
                     results["modes"][mode] = results["modes"].get(mode, 0) + 1
                     if got.comparable() != want.comparable():
-                        results["mismatches"].append({"path": path, "prompt": prompt[:40], "stream": stream, "proxy": got.texts, "ref": want.texts})
+                        results["mismatches"].append(
+                            {
+                                "path": path,
+                                "prompt": prompt[:40],
+                                "stream": stream,
+                                "proxy": got.texts,
+                                "ref": want.texts,
+                            }
+                        )
     return results
 
 
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     log_dir = OUT / "logs"
-    report: dict = {"device": subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()}
+    report: dict = {
+        "device": subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    }
     import vllm
 
     report["vllm"] = vllm.__version__
     model = tiny_model.build(Path("/root/tiny-llama"))
     ports = [servers.free_port() for _ in range(4)]
     ref = gpu_server("ref", model, None, log_dir)
-    p = gpu_server("prefill", model, {"host": "127.0.0.1", "zmq_port": ports[0], "control_port": ports[1]}, log_dir)
-    d = gpu_server("decode", model, {"host": "127.0.0.1", "zmq_port": ports[2], "control_port": ports[3]}, log_dir)
+    p = gpu_server(
+        "prefill",
+        model,
+        {"host": "127.0.0.1", "zmq_port": ports[0], "control_port": ports[1]},
+        log_dir,
+    )
+    d = gpu_server(
+        "decode",
+        model,
+        {"host": "127.0.0.1", "zmq_port": ports[2], "control_port": ports[3]},
+        log_dir,
+    )
     started = time.time()
     procs = [ref, p, d]
     try:
         servers.start_all(procs, timeout=420)
         report["startup_s"] = round(time.time() - started, 1)
-        proxy = servers.proxy_server("proxy", log_dir, prefill_urls=[p.url], decode_urls=[d.url]).start().wait_ready(60)
+        proxy = (
+            servers.proxy_server("proxy", log_dir, prefill_urls=[p.url], decode_urls=[d.url])
+            .start()
+            .wait_ready(60)
+        )
         procs.append(proxy)
         p_ctl, d_ctl = f"http://127.0.0.1:{ports[1]}", f"http://127.0.0.1:{ports[3]}"
         before_p, before_d = stats(p_ctl), stats(d_ctl)
@@ -115,20 +165,49 @@ def main() -> int:
         after_p, after_d = stats(p_ctl), stats(d_ctl)
         report["kv"] = {
             key: total(after, key) - total(before, key)
-            for before, after, keys in ((before_p, after_p, ("bytes_sent", "pulls_served")), (before_d, after_d, ("bytes_received", "transfers_ok", "transfers_failed", "transfer_seconds_total")))
+            for before, after, keys in (
+                (before_p, after_p, ("bytes_sent", "pulls_served")),
+                (
+                    before_d,
+                    after_d,
+                    (
+                        "bytes_received",
+                        "transfers_ok",
+                        "transfers_failed",
+                        "transfer_seconds_total",
+                    ),
+                ),
+            )
             for key in keys
         }
-        report["transport"] = (after_d.get("transport") or after_p.get("transport") or "see logs")
+        report["transport"] = after_d.get("transport") or after_p.get("transport") or "see logs"
     finally:
         for proc in reversed(procs):
             proc.stop()
     # The throughput benchmark runs with the GPU to itself.
     bench = subprocess.run(
-        [sys.executable, "-m", "bench.kv_transfer", "--device", "cuda", "--repeats", "5", "--out", str(OUT / "kv_transfer_cuda.json")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "bench.kv_transfer",
+            "--device",
+            "cuda",
+            "--repeats",
+            "5",
+            "--out",
+            str(OUT / "kv_transfer_cuda.json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     report["kv_transfer_stdout"] = bench.stdout[-4000:] + bench.stderr[-2000:]
-    ok = not report["equality"]["mismatches"] and report["kv"].get("bytes_received", 0) > 0 and report["kv"].get("transfers_failed", 1) == 0
+    ok = (
+        not report["equality"]["mismatches"]
+        and report["kv"].get("bytes_received", 0) > 0
+        and report["kv"].get("transfers_failed", 1) == 0
+    )
     report["pass"] = ok
     (OUT / "gpu_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "kv_transfer_stdout"}, indent=2))

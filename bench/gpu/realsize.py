@@ -60,28 +60,43 @@ LLAMA3_8B = {
     "torch_dtype": "bfloat16",
 }
 GPU_ARGS = [
-    "--load-format", "dummy",
-    "--dtype", "bfloat16",
-    "--gpu-memory-utilization", "0.28",
-    "--kv-cache-memory-bytes", str(8 << 30),
+    "--load-format",
+    "dummy",
+    "--dtype",
+    "bfloat16",
+    "--gpu-memory-utilization",
+    "0.28",
+    "--kv-cache-memory-bytes",
+    str(8 << 30),
 ]
 EAGER = ["--enforce-eager"]
 # CUDA graphs for decode batches only, no torch.compile: starts in seconds, and a
 # decode step (and D's first step, one token on loaded KV) is a graph replay.
-GRAPHS = ["-cc.mode=none", "-cc.cudagraph_mode=FULL_DECODE_ONLY", "-cc.max_cudagraph_capture_size=8"]
+GRAPHS = [
+    "-cc.mode=none",
+    "-cc.cudagraph_mode=FULL_DECODE_ONLY",
+    "-cc.max_cudagraph_capture_size=8",
+]
 
 
 def shaped_model(tiny: Path, out: Path) -> Path:
     """The 8B shape with the tiny model's tokenizer (no weights: vLLM makes them up)."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "generation_config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ):
         if (tiny / name).exists():
             shutil.copy(tiny / name, out / name)
     tiny_config = json.loads((tiny / "config.json").read_text())
-    config = dict(LLAMA3_8B, vocab_size=tiny_config["vocab_size"],
-                  bos_token_id=tiny_config.get("bos_token_id"),
-                  eos_token_id=tiny_config.get("eos_token_id"))
+    config = dict(
+        LLAMA3_8B,
+        vocab_size=tiny_config["vocab_size"],
+        bos_token_id=tiny_config.get("bos_token_id"),
+        eos_token_id=tiny_config.get("eos_token_id"),
+    )
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return out
 
@@ -107,22 +122,42 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
 
-def measure(ref_url: str, proxy_url: str, d_ctl: str, sizes, count: int, vocab: int,
-            model: str, max_tokens: int) -> list[dict]:
+def measure(
+    ref_url: str,
+    proxy_url: str,
+    d_ctl: str,
+    sizes,
+    count: int,
+    vocab: int,
+    model: str,
+    max_tokens: int,
+) -> list[dict]:
     rng = random.Random(2026)
     rows = []
     with httpx.Client(timeout=600) as client:
         # Warm-up: first requests pay one-off costs (CUDA IPC mapping, kernel builds).
         for target in (ref_url, proxy_url):
-            body = {"model": model, "prompt": [rng.randrange(3, vocab) for _ in range(64)],
-                    "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True}
+            body = {
+                "model": model,
+                "prompt": [rng.randrange(3, vocab) for _ in range(64)],
+                "max_tokens": 4,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+            }
             stream_times(client, target, body)
         for size in sizes:
             ref, cached, pd, pulls = [], [], [], []
             for _ in range(count):
                 prompt = [rng.randrange(3, vocab) for _ in range(size)]
-                body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                        "temperature": 0, "ignore_eos": True, "stream": True}
+                body = {
+                    "model": model,
+                    "prompt": prompt,
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
                 ref.append(stream_times(client, ref_url, body)[0])
                 # What D does in a hand-off, on one vLLM with no transfer: a new request
                 # whose prompt is cached but for its last token.
@@ -133,11 +168,22 @@ def measure(ref_url: str, proxy_url: str, d_ctl: str, sizes, count: int, vocab: 
                 time.sleep(0.2)  # the connector's counters arrive with D's next step
                 after = stats(d_ctl)
                 pd.append((times, mode))
-                pulls.append({k: after.get(k, 0) - before.get(k, 0) for k in (
-                    "bytes_received", "transfer_seconds_total", "kv_wait_seconds_total",
-                    "move_seconds_total",
-                    "transfers_ok", "transfers_failed", "transfers_ipc", "transfers_host",
-                    "transfers_nccl")})
+                pulls.append(
+                    {
+                        k: after.get(k, 0) - before.get(k, 0)
+                        for k in (
+                            "bytes_received",
+                            "transfer_seconds_total",
+                            "kv_wait_seconds_total",
+                            "move_seconds_total",
+                            "transfers_ok",
+                            "transfers_failed",
+                            "transfers_ipc",
+                            "transfers_host",
+                            "transfers_nccl",
+                        )
+                    }
+                )
             rows.append(summarise(size, ref, cached, pd, pulls))
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -203,6 +249,15 @@ def timed(fn, repeats: int = 10) -> float:
     return start.elapsed_time(end) / 1000 / repeats
 
 
+def contiguous_copy(nbytes: int, dev) -> float:
+    """Seconds per contiguous device-to-device copy of ``nbytes`` in this process."""
+    import torch
+
+    a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    return timed(lambda: b.copy_(a))
+
+
 def copy_bench(kv_bytes: int = 512 << 20) -> dict:
     """Device copies of ``kv_bytes`` of KV laid out like the 8B model's (32 layers,
     blocks of 16 tokens x 8 heads x 256 (K and V of 128) bf16 = 64 KiB per layer)."""
@@ -219,27 +274,37 @@ def copy_bench(kv_bytes: int = 512 << 20) -> dict:
     src_ids = rng.sample(range(1, total_blocks), moved_blocks)
     dst_ids = rng.sample(range(1, total_blocks), moved_blocks)
     dev = torch.device("cuda", 0)
-    local_src = [torch.randn((total_blocks, *shape), device=dev).to(torch.bfloat16) for _ in range(layers)]
-    dst = [torch.zeros((total_blocks, *shape), device=dev, dtype=torch.bfloat16) for _ in range(layers)]
+    local_src = [
+        torch.randn((total_blocks, *shape), device=dev).to(torch.bfloat16) for _ in range(layers)
+    ]
+    dst = [
+        torch.zeros((total_blocks, *shape), device=dev, dtype=torch.bfloat16) for _ in range(layers)
+    ]
     dims = [0] * layers
-    flat_a = torch.empty(kv_bytes, dtype=torch.uint8, device=dev)
-    flat_b = torch.empty_like(flat_a)
     out: dict = {"kv_bytes": kv_bytes, "blocks": moved_blocks, "runs": moved_blocks * layers}
 
     def gbs(seconds: float) -> float:
         return round(kv_bytes / seconds / 1e9, 1)
 
-    out["contiguous_copy_gb_s"] = gbs(timed(lambda: flat_b.copy_(flat_a)))
+    out["contiguous_copy_gb_s"] = gbs(contiguous_copy(kv_bytes, dev))
     tables = block_copy.tables(local_src, dst, dims)
-    out["kernel_in_process_gb_s"] = gbs(timed(
-        lambda: block_copy.run_tables(tables, src_ids, dst_ids)))
-    out["index_ops_gb_s"] = gbs(timed(
-        lambda: block_copy.copy_with_index_ops(local_src, dst, dims, src_ids, dst_ids), 3))
-    del flat_a, flat_b
+    out["kernel_in_process_gb_s"] = gbs(
+        timed(lambda: block_copy.run_tables(tables, src_ids, dst_ids))
+    )
+    out["index_ops_gb_s"] = gbs(
+        timed(lambda: block_copy.copy_with_index_ops(local_src, dst, dims, src_ids, dst_ids), 3)
+    )
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    peer = subprocess.Popen([sys.executable, "-c", PEER, str(layers), str(total_blocks), json.dumps(shape)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
+    peer = subprocess.Popen(
+        [sys.executable, "-c", PEER, str(layers), str(total_blocks), json.dumps(shape)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     try:
         description = json.loads(peer.stdout.readline())
         started = time.perf_counter()
@@ -247,15 +312,21 @@ def copy_bench(kv_bytes: int = 512 << 20) -> dict:
         out["ipc_open_ms"] = ms(time.perf_counter() - started)
         out["ipc_tensors"] = len(remote)
         remote_tables = block_copy.tables(remote, dst, dims)
-        out["kernel_over_ipc_gb_s"] = gbs(timed(
-            lambda: block_copy.run_tables(remote_tables, src_ids, dst_ids)))
+        out["kernel_over_ipc_gb_s"] = gbs(
+            timed(lambda: block_copy.run_tables(remote_tables, src_ids, dst_ids))
+        )
         torch.cuda.synchronize()
         out["ipc_copy_exact"] = all(
-            torch.equal(remote[l][s], dst[l][d]) for l in (0, 31) for s, d in zip(src_ids[:64], dst_ids[:64]))
-        out["ipc_index_ops_gb_s"] = gbs(timed(
-            lambda: block_copy.copy_with_index_ops(remote, dst, dims, src_ids, dst_ids), 3))
+            torch.equal(remote[layer][s], dst[layer][d])
+            for layer in (0, 31)
+            for s, d in zip(src_ids[:64], dst_ids[:64])
+        )
+        out["ipc_index_ops_gb_s"] = gbs(
+            timed(lambda: block_copy.copy_with_index_ops(remote, dst, dims, src_ids, dst_ids), 3)
+        )
         out["ratio_kernel_over_ipc_to_contiguous"] = round(
-            out["kernel_over_ipc_gb_s"] / out["contiguous_copy_gb_s"], 3)
+            out["kernel_over_ipc_gb_s"] / out["contiguous_copy_gb_s"], 3
+        )
         # The exporter dies while we hold its memory mapped: what does a copy read?
         keep = [t[s].clone() for t, s in zip(remote[:2], src_ids[:2])]
         os.kill(peer.pid, signal.SIGKILL)
@@ -265,8 +336,10 @@ def copy_bench(kv_bytes: int = 512 << 20) -> dict:
             block_copy.run_tables(remote_tables, src_ids, dst_ids)
             torch.cuda.synchronize()
             out["copy_after_exporter_killed"] = "completed, " + (
-                "data intact" if all(torch.equal(remote[i][src_ids[i]], keep[i]) for i in range(2))
-                else "data changed")
+                "data intact"
+                if all(torch.equal(remote[i][src_ids[i]], keep[i]) for i in range(2))
+                else "data changed"
+            )
         except Exception as exc:  # noqa: BLE001 - this is what we want to know
             out["copy_after_exporter_killed"] = f"failed: {exc!r}"[:300]
     finally:
@@ -277,12 +350,17 @@ def copy_bench(kv_bytes: int = 512 << 20) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--cpu", action="store_true", help="rehearse on vLLM CPU with the tiny model")
+    parser.add_argument(
+        "--cpu", action="store_true", help="rehearse on vLLM CPU with the tiny model"
+    )
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--sizes", default="1024,4096,16384")
     parser.add_argument("--skip-copies", action="store_true")
-    parser.add_argument("--graphs", action="store_true",
-                        help="CUDA graphs for decode steps instead of --enforce-eager")
+    parser.add_argument(
+        "--graphs",
+        action="store_true",
+        help="CUDA graphs for decode steps instead of --enforce-eager",
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     log_dir = OUT / "logs"
@@ -298,7 +376,9 @@ def main() -> int:
         report["vllm"] = vllm.__version__
         report["device"] = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True).stdout.strip()
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         model = shaped_model(tiny, Path("/root/llama3-8b-shape"))
         extra, max_len = GPU_ARGS + (GRAPHS if args.graphs else EAGER), 20000
         report["engine_mode"] = "cuda graphs (decode)" if args.graphs else "eager"
@@ -307,8 +387,16 @@ def main() -> int:
 
     def server(name, connector, core):
         config = servers.pd_connector_config(**connector) if connector is not None else None
-        return servers.vllm_server(name, model, log_dir, kv_transfer_config=config, max_model_len=max_len,
-                                   extra_args=extra, extra_env=env, cpu_core=core if args.cpu else None)
+        return servers.vllm_server(
+            name,
+            model,
+            log_dir,
+            kv_transfer_config=config,
+            max_model_len=max_len,
+            extra_args=extra,
+            extra_env=env,
+            cpu_core=core if args.cpu else None,
+        )
 
     ref = server("ref", None, 1)
     p = server("prefill", {"host": "127.0.0.1", "zmq_port": ports[0], "control_port": ports[1]}, 0)
@@ -322,7 +410,9 @@ def main() -> int:
         proxy = servers.proxy_server("proxy", log_dir, prefill_urls=[p.url], decode_urls=[d.url])
         procs.append(proxy.start().wait_ready(60))
         d_ctl = f"http://127.0.0.1:{ports[3]}"
-        report["sizes"] = measure(ref.url, proxy.url, d_ctl, sizes, args.requests, vocab, "tiny", 16)
+        report["sizes"] = measure(
+            ref.url, proxy.url, d_ctl, sizes, args.requests, vocab, "tiny", 16
+        )
         report["decode_stats"] = stats(d_ctl)
         report["prefill_stats"] = stats(f"http://127.0.0.1:{ports[1]}")
     finally:
@@ -338,15 +428,20 @@ def main() -> int:
 
 def print_table(report: dict) -> None:
     print(f"\n{report.get('engine_mode', 'cpu rehearsal')}")
-    print("| prompt | KV | single: token 1 / gap / step | single, cached prompt: token 1 "
-          "| pdproxy: token 1 / gap | gap - step | pull ms | pull GB/s | path |")
+    print(
+        "| prompt | KV | single: token 1 / gap / step | single, cached prompt: token 1 "
+        "| pdproxy: token 1 / gap | gap - step | pull ms | pull GB/s | path |"
+    )
     print("|---:|---:|---|---:|---|---:|---:|---:|---|")
     for row in report.get("sizes", []):
         kv = row["kv_bytes_per_pull"] / (1 << 20)
         excess = (row["pd_gap_ms"] or 0) - (row["single_step_ms"] or 0)
-        print(f"| {row['prompt_tokens']} | {kv:.0f} MiB | {row['single_ttft_ms']} / {row['single_gap_ms']} / "
-              f"{row['single_step_ms']} ms | {row['single_cached_ttft_ms']} ms | {row['pd_ttft_ms']} / "
-              f"{row['pd_gap_ms']} ms | {excess:+.1f} ms | {row['pull_ms']} | {row['pull_gb_s']} | {row['paths']} |")
+        print(
+            f"| {row['prompt_tokens']} | {kv:.0f} MiB "
+            f"| {row['single_ttft_ms']} / {row['single_gap_ms']} / {row['single_step_ms']} ms "
+            f"| {row['single_cached_ttft_ms']} ms | {row['pd_ttft_ms']} / {row['pd_gap_ms']} ms "
+            f"| {excess:+.1f} ms | {row['pull_ms']} | {row['pull_gb_s']} | {row['paths']} |"
+        )
     if "copies" in report:
         print(json.dumps(report["copies"], indent=1))
 

@@ -6,7 +6,7 @@ decision, not a property of the server. Load and health are per instance, so a s
 that serves both roles is seen as one machine.
 
 Each pool owns one shared ``httpx.AsyncClient`` with keep-alive: creating a client per
-request costs throughput (BRIEF §3).
+request costs throughput.
 """
 
 from __future__ import annotations

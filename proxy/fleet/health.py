@@ -2,7 +2,7 @@
 
 - Passive: a leg that fails with a connection error, a timeout or a 5xx counts against
   its instance; enough consecutive failures eject it for a while. A client's 4xx never
-  counts (BRIEF §3: breakers that counted 4xx took healthy servers out).
+  counts (circuit breakers elsewhere that counted 4xx took healthy servers out).
 - Active: a background task polls every instance's ``/health``, refreshes its load from
   its Prometheus ``/metrics`` (running and waiting requests, KV-cache usage) and its
   models' context lengths from ``/v1/models``. A recovered instance is re-admitted.
@@ -20,13 +20,17 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
-from .backends import DECODE, PREFILL, Instance, Registry
 from ..observe.metrics import BACKEND_ERRORS, EJECTIONS, HEALTHY
 from ..settings import Settings
+from .backends import DECODE, PREFILL, Instance, Registry
 
 log = logging.getLogger("pdproxy.health")
 
-_METRIC_LINE = re.compile(rb"^(vllm:num_requests_running|vllm:num_requests_waiting|vllm:kv_cache_usage_perc)\{[^}]*\} ([0-9.eE+-]+)$", re.M)
+_METRIC_LINE = re.compile(
+    rb"^(vllm:num_requests_running|vllm:num_requests_waiting|vllm:kv_cache_usage_perc)"
+    rb"\{[^}]*\} ([0-9.eE+-]+)$",
+    re.M,
+)
 
 
 def record_failure(inst: Instance, leg: str, settings: Settings) -> None:
@@ -36,7 +40,12 @@ def record_failure(inst: Instance, leg: str, settings: Settings) -> None:
     if inst.consecutive_failures >= settings.eject_after_failures and inst.ejected_until <= now:
         inst.ejected_until = now + settings.eject_seconds
         EJECTIONS.labels(inst.url).inc()
-        log.warning("ejected %s for %.0fs after %d failures", inst.url, settings.eject_seconds, inst.consecutive_failures)
+        log.warning(
+            "ejected %s for %.0fs after %d failures",
+            inst.url,
+            settings.eject_seconds,
+            inst.consecutive_failures,
+        )
 
 
 def record_success(inst: Instance) -> None:
@@ -91,7 +100,10 @@ class HealthMonitor:
         while True:
             try:
                 await self.check_all()
-                if time.monotonic() - self.last_canary >= self.settings.canary_interval or not self.ready:
+                if (
+                    time.monotonic() - self.last_canary >= self.settings.canary_interval
+                    or not self.ready
+                ):
                     await self.run_canary()
             except asyncio.CancelledError:
                 raise
@@ -154,6 +166,8 @@ class HealthMonitor:
             ok = False
             self.canary_error = f"{type(exc).__name__}: {exc}"
         if ok != self.ready:
-            log.warning("readiness is now %s%s", ok, f" ({self.canary_error})" if self.canary_error else "")
+            log.warning(
+                "readiness is now %s%s", ok, f" ({self.canary_error})" if self.canary_error else ""
+            )
         self.ready = ok
         return ok

@@ -20,8 +20,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from .backends import DECODE, PREFILL, Registry
 from ..settings import Settings
+from .backends import DECODE, PREFILL, Registry
 
 log = logging.getLogger("pdproxy.membership")
 
@@ -49,7 +49,9 @@ def with_host(url: str, address: str) -> str:
 
 
 class Membership:
-    def __init__(self, settings: Settings, registry: Registry, resolver: Resolver = resolve_host) -> None:
+    def __init__(
+        self, settings: Settings, registry: Registry, resolver: Resolver = resolve_host
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.resolver = resolver

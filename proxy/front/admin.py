@@ -11,10 +11,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from ..fleet.backends import DECODE, PREFILL, Instance
 from ..errors import ProxyError
-from .guard import key_matches
+from ..fleet.backends import DECODE, PREFILL, Instance
 from ..settings import check_base_url
+from .guard import key_matches
 
 router = APIRouter(prefix="/admin", include_in_schema=False)
 
@@ -47,7 +47,9 @@ async def _target(request: Request) -> tuple[str, str]:
         body = await request.json()
         role, url = body["role"], body["url"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise ProxyError(400, "body must be {\"role\": \"prefill\"|\"decode\", \"url\": \"http://host:port\"}") from exc
+        raise ProxyError(
+            400, 'body must be {"role": "prefill"|"decode", "url": "http://host:port"}'
+        ) from exc
     if role not in (PREFILL, DECODE):
         raise ProxyError(400, "role must be 'prefill' or 'decode'", param="role")
     try:
@@ -60,7 +62,9 @@ async def _target(request: Request) -> tuple[str, str]:
 async def list_instances(request: Request) -> Response:
     _authorize(request)
     registry = request.app.state.registry
-    return JSONResponse({role: [_describe(i) for i in registry.pool(role).instances] for role in (PREFILL, DECODE)})
+    return JSONResponse(
+        {role: [_describe(i) for i in registry.pool(role).instances] for role in (PREFILL, DECODE)}
+    )
 
 
 @router.post("/instances")

@@ -17,19 +17,19 @@ from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from . import admin
-from ..fleet.backends import Registry
 from ..errors import ProxyError, error_body
-from ..serve.flow import Gateway, read_body
-from ..serve.vocabulary import CHAT, COMPLETIONS, ENDPOINTS, KIND_OF_PATH, Mode
-from .guard import Guard
+from ..fleet.backends import Registry
 from ..fleet.health import HealthMonitor
 from ..fleet.membership import Membership
-from ..observe.metrics import render
-from .openapi import CHAT_REQUEST, COMPLETION_REQUEST, request_body
 from ..fleet.routing import RouteContext
-from ..settings import Settings
+from ..observe.metrics import render
 from ..observe.tracing import Tracing
+from ..serve.flow import Gateway, read_body
+from ..serve.vocabulary import CHAT, COMPLETIONS, ENDPOINTS, KIND_OF_PATH, Mode
+from ..settings import Settings
+from . import admin
+from .guard import Guard
+from .openapi import CHAT_REQUEST, COMPLETION_REQUEST, request_body
 
 log = logging.getLogger("pdproxy")
 
@@ -48,7 +48,16 @@ _HOP_HEADERS = {
     "authorization",
 }
 
-PASSTHROUGH_PATHS = ("tokenize", "detokenize", "version", "pooling", "classify", "score", "rerank", "invocations")
+PASSTHROUGH_PATHS = (
+    "tokenize",
+    "detokenize",
+    "version",
+    "pooling",
+    "classify",
+    "score",
+    "rerank",
+    "invocations",
+)
 
 
 class ProxyApp:
@@ -76,7 +85,11 @@ class ProxyApp:
         await self._guarded(scope, receive, send)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = KIND_OF_PATH.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        kind = (
+            KIND_OF_PATH.get(scope["path"])
+            if scope["type"] == "http" and scope["method"] == "POST"
+            else None
+        )
         if kind is None:
             await self.api(scope, receive, send)
             return
@@ -88,17 +101,21 @@ class ProxyApp:
         await response(scope, receive, send)
 
 
-
-def create_app(settings: Settings, *, monitor: bool = True, tracing: Tracing | None = None) -> ProxyApp:
+def create_app(
+    settings: Settings, *, monitor: bool = True, tracing: Tracing | None = None
+) -> ProxyApp:
     """The proxy app. ``monitor=False`` (tests) skips the background health checks;
     ``tracing`` replaces the one built from the settings (tests pass an in-memory one)."""
     tracing = tracing or Tracing(settings.otel_endpoint)
     proxy_app: ProxyApp
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = Registry(settings)
         gateway = Gateway(settings, registry, tracing)
-        canary_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy_app), base_url="http://pdproxy")
+        canary_client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=proxy_app), base_url="http://pdproxy"
+        )
         health = HealthMonitor(settings, registry, lambda: _canary(canary_client, registry))
         membership = Membership(settings, registry)
         app.state.registry, app.state.gateway, app.state.monitor = registry, gateway, health
@@ -118,7 +135,9 @@ def create_app(settings: Settings, *, monitor: bool = True, tracing: Tracing | N
             await canary_client.aclose()
             await registry.aclose()
 
-    app = FastAPI(title="pdproxy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="pdproxy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app.include_router(admin.router)
 
     @app.exception_handler(ProxyError)
@@ -161,12 +180,21 @@ def create_app(settings: Settings, *, monitor: bool = True, tracing: Tracing | N
     async def models(request: Request) -> Response:
         return await _passthrough(request, "/v1/models")
 
-    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    @app.api_route(
+        "/v1/{rest:path}",
+        methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        include_in_schema=False,
+    )
     async def other_v1(request: Request, rest: str) -> Response:
         return await _passthrough(request, "/v1/" + rest)
 
     for name in PASSTHROUGH_PATHS:
-        app.add_api_route(f"/{name}", _make_passthrough(f"/{name}"), methods=["GET", "POST"], include_in_schema=False)
+        app.add_api_route(
+            f"/{name}",
+            _make_passthrough(f"/{name}"),
+            methods=["GET", "POST"],
+            include_in_schema=False,
+        )
 
     proxy_app = ProxyApp(app, settings)
     return proxy_app
@@ -190,16 +218,26 @@ async def _passthrough(request: Request, path: str) -> Response:
         raise ProxyError(503, "no healthy backend instance")
     body = await read_body(request, settings.max_body_bytes)
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
-    if settings.forward_client_auth and not settings.backend_api_key and "authorization" in request.headers:
+    if (
+        settings.forward_client_auth
+        and not settings.backend_api_key
+        and "authorization" in request.headers
+    ):
         headers["authorization"] = request.headers["authorization"]
     url = inst.url + path + (f"?{request.url.query}" if request.url.query else "")
     timeout = httpx.Timeout(settings.connect_timeout, read=settings.idle_timeout)
-    upstream = pool.client.build_request(request.method, url, content=body, headers=headers, timeout=timeout)
+    upstream = pool.client.build_request(
+        request.method, url, content=body, headers=headers, timeout=timeout
+    )
     try:
         response = await pool.client.send(upstream, stream=True)
     except httpx.HTTPError as exc:
         return JSONResponse(error_body(502, f"backend {inst.url} failed: {exc}"), status_code=502)
-    out_headers = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_HEADERS and k.lower() != "content-encoding"}
+    out_headers = {
+        k: v
+        for k, v in response.headers.items()
+        if k.lower() not in _HOP_HEADERS and k.lower() != "content-encoding"
+    }
     return StreamingResponse(
         response.aiter_raw(),
         status_code=response.status_code,
@@ -215,9 +253,18 @@ async def _canary(client: httpx.AsyncClient, registry: Registry) -> bool:
         if inst.max_model_len:
             model = next(iter(inst.max_model_len))
             break
-    body = {"prompt": "pdproxy readiness canary", "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    body = {
+        "prompt": "pdproxy readiness canary",
+        "max_tokens": 2,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     if model:
         body["model"] = model
-    response = await client.post(ENDPOINTS[COMPLETIONS], json=body, headers={"x-request-id": "pdproxy-canary"})
-    return response.status_code == 200 and response.headers.get("x-pdproxy-mode") in (Mode.STITCHED, Mode.DECODE)
-
+    response = await client.post(
+        ENDPOINTS[COMPLETIONS], json=body, headers={"x-request-id": "pdproxy-canary"}
+    )
+    return response.status_code == 200 and response.headers.get("x-pdproxy-mode") in (
+        Mode.STITCHED,
+        Mode.DECODE,
+    )

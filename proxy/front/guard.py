@@ -39,13 +39,18 @@ def key_matches(presented: bytes | None, keys: list[bytes]) -> bool:
     return matched
 
 
-async def _reject(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _reject(
+    send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body = json.dumps(error_body(status, message)).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ]
             + (headers or []),
         }
     )
@@ -71,7 +76,9 @@ class Guard:
             return
         if self.keys and (self.protect_ops or path not in OPS_PATHS):
             if not key_matches(_bearer(scope), self.keys):
-                await _reject(send, 401, "Invalid or missing API key (Authorization: Bearer <key>).")
+                await _reject(
+                    send, 401, "Invalid or missing API key (Authorization: Bearer <key>)."
+                )
                 return
         for name, value in scope["headers"]:
             if name == b"content-length":

@@ -10,13 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
-_STOP = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
+_STOP = {
+    "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]
+}
 _COMMON: dict[str, Any] = {
     "model": {"type": "string"},
     "stream": {"type": "boolean"},
     "stream_options": {
         "type": "object",
-        "properties": {"include_usage": {"type": "boolean"}, "continuous_usage_stats": {"type": "boolean"}},
+        "properties": {
+            "include_usage": {"type": "boolean"},
+            "continuous_usage_stats": {"type": "boolean"},
+        },
     },
     "n": {"type": "integer", "minimum": 1},
     "max_tokens": {"type": ["integer", "null"], "minimum": 0},
@@ -41,7 +46,13 @@ COMPLETION_REQUEST: dict[str, Any] = {
     "additionalProperties": True,
     "properties": {
         **_COMMON,
-        "prompt": {"anyOf": [{"type": "string", "minLength": 1}, _TOKEN_IDS, {"type": "array", "items": {"type": "string"}}]},
+        "prompt": {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                _TOKEN_IDS,
+                {"type": "array", "items": {"type": "string"}},
+            ]
+        },
         "logprobs": {"type": ["integer", "null"], "minimum": 0},
         "echo": {"type": "boolean"},
     },

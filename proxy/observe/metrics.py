@@ -16,25 +16,60 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 from .tracing import DISABLED, RequestTrace
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+)
 TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 REQUESTS = Counter(
-    "pdproxy_requests", "Requests answered, by endpoint, serving mode and outcome.", ["endpoint", "mode", "outcome"]
+    "pdproxy_requests",
+    "Requests answered, by endpoint, serving mode and outcome.",
+    ["endpoint", "mode", "outcome"],
 )
 E2E = Histogram(
-    "pdproxy_request_duration_seconds", "Whole request, as the client saw it.", ["endpoint", "mode"], buckets=LATENCY_BUCKETS
+    "pdproxy_request_duration_seconds",
+    "Whole request, as the client saw it.",
+    ["endpoint", "mode"],
+    buckets=LATENCY_BUCKETS,
 )
 TTFT = Histogram(
-    "pdproxy_time_to_first_token_seconds", "Client time to the first generated text.", ["endpoint", "mode"], buckets=LATENCY_BUCKETS
+    "pdproxy_time_to_first_token_seconds",
+    "Client time to the first generated text.",
+    ["endpoint", "mode"],
+    buckets=LATENCY_BUCKETS,
 )
 ITL = Histogram(
-    "pdproxy_inter_token_seconds", "Gap between streamed chunks sent to clients.", ["endpoint"], buckets=TOKEN_GAP_BUCKETS
+    "pdproxy_inter_token_seconds",
+    "Gap between streamed chunks sent to clients.",
+    ["endpoint"],
+    buckets=TOKEN_GAP_BUCKETS,
 )
 PHASE = Histogram(
     "pdproxy_phase_seconds",
@@ -44,14 +79,28 @@ PHASE = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 IN_FLIGHT = Gauge(
-    "pdproxy_backend_in_flight", "Requests open on a backend.", ["backend", "role"], multiprocess_mode="livesum"
+    "pdproxy_backend_in_flight",
+    "Requests open on a backend.",
+    ["backend", "role"],
+    multiprocess_mode="livesum",
 )
-BACKEND_ERRORS = Counter("pdproxy_backend_errors", "Backend failures (never a client's 4xx).", ["backend", "leg"])
-EJECTIONS = Counter("pdproxy_backend_ejections", "Times a backend was taken out of rotation.", ["backend"])
+BACKEND_ERRORS = Counter(
+    "pdproxy_backend_errors", "Backend failures (never a client's 4xx).", ["backend", "leg"]
+)
+EJECTIONS = Counter(
+    "pdproxy_backend_ejections", "Times a backend was taken out of rotation.", ["backend"]
+)
 RETRIES = Counter("pdproxy_retries", "Legs moved to another backend after a failure.", ["leg"])
 FALLBACKS = Counter("pdproxy_fallbacks", "Requests not served stitched, by reason.", ["reason"])
-KV_RELEASES = Counter("pdproxy_kv_releases", "Explicit releases of P's held KV, by outcome.", ["outcome"])
-HEALTHY = Gauge("pdproxy_backend_healthy", "1 when the backend passes health checks.", ["backend", "role"], multiprocess_mode="max")
+KV_RELEASES = Counter(
+    "pdproxy_kv_releases", "Explicit releases of P's held KV, by outcome.", ["outcome"]
+)
+HEALTHY = Gauge(
+    "pdproxy_backend_healthy",
+    "1 when the backend passes health checks.",
+    ["backend", "role"],
+    multiprocess_mode="max",
+)
 
 access_log = logging.getLogger("pdproxy.access")
 
@@ -101,8 +150,16 @@ class RequestRecord:
     def phases(self) -> dict[str, float]:
         end = self.finished or time.perf_counter()
         total = end - self.started
-        prefill = (self.prefill_end - self.prefill_start) if self.prefill_start and self.prefill_end else 0.0
-        handoff = (self.decode_first_byte - self.prefill_end) if self.prefill_end and self.decode_first_byte else 0.0
+        prefill = (
+            (self.prefill_end - self.prefill_start)
+            if self.prefill_start and self.prefill_end
+            else 0.0
+        )
+        handoff = (
+            (self.decode_first_byte - self.prefill_end)
+            if self.prefill_end and self.decode_first_byte
+            else 0.0
+        )
         decode = (end - self.decode_first_byte) if self.decode_first_byte else 0.0
         if not self.prefill_start and self.decode_start and self.decode_first_byte:
             handoff = self.decode_first_byte - self.decode_start  # colocated: queue + prefill

@@ -46,7 +46,9 @@ class _Trace(RequestTrace):
         if previous is not None:  # a retry: the failed attempt's span ends here
             previous.end()
         span = self._tracer.start_span(
-            f"pdproxy.{leg}", context=self._trace.set_span_in_context(self._span), kind=self._trace.SpanKind.CLIENT
+            f"pdproxy.{leg}",
+            context=self._trace.set_span_in_context(self._span),
+            kind=self._trace.SpanKind.CLIENT,
         )
         self._legs[leg] = span
         headers = {k: v for k, v in base.items() if k not in ("traceparent", "tracestate")}
@@ -92,7 +94,8 @@ class Tracing:
                 processor = SimpleSpanProcessor(exporter)
         except ImportError as exc:
             raise RuntimeError(
-                "PDPROXY_OTEL_ENDPOINT is set but OpenTelemetry is not installed: pip install 'pdproxy[tracing]'"
+                "PDPROXY_OTEL_ENDPOINT is set but OpenTelemetry is not installed: "
+                "pip install 'pdproxy[tracing]'"
             ) from exc
         self._provider = TracerProvider(resource=Resource.create({"service.name": "pdproxy"}))
         self._provider.add_span_processor(processor)

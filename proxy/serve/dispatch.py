@@ -98,7 +98,10 @@ class Dispatcher:
 
         The pool-down policy is applied before P is called; this covers decode instances
         that die while a request is between its legs."""
-        if self.registry.decode.available() or self.settings.no_decode_policy == PoolDownPolicy.fail:
+        if (
+            self.registry.decode.available()
+            or self.settings.no_decode_policy == PoolDownPolicy.fail
+        ):
             return self.registry.decode
         return self.registry.prefill
 
@@ -111,14 +114,24 @@ class Dispatcher:
         body = prefill_body(plan, consumers=plan.n)
         path = ENDPOINTS[plan.kind]
 
-        async def attempt(pool: Pool, inst: Instance, leg_headers: dict[str, str]) -> tuple[dict, Instance]:
+        async def attempt(
+            pool: Pool, inst: Instance, leg_headers: dict[str, str]
+        ) -> tuple[dict, Instance]:
             raw = await call_json(
-                self.registry.http, inst, PREFILL, path, body, leg_headers, self.settings.prefill_timeout
+                self.registry.http,
+                inst,
+                PREFILL,
+                path,
+                body,
+                leg_headers,
+                self.settings.prefill_timeout,
             )
             return raw, inst
 
         ctx = RouteContext(prefix_key=plan.prefix_key, tokens=plan.estimated_tokens)
-        raw, inst = await self.on_instances(PREFILL, record, attempt, headers, plan.estimated_tokens, ctx)
+        raw, inst = await self.on_instances(
+            PREFILL, record, attempt, headers, plan.estimated_tokens, ctx
+        )
         record.trace.end_leg(PREFILL)
         record.prefill_end = time.perf_counter()
         p = parse_prefill(plan.kind, raw, inst.url)
@@ -126,10 +139,14 @@ class Dispatcher:
 
     # --- decode -----------------------------------------------------------------------
 
-    def decode_request(self, plan: Plan, p: PrefillResult, mode: Mode) -> tuple[str, dict[str, Any]]:
+    def decode_request(
+        self, plan: Plan, p: PrefillResult, mode: Mode
+    ) -> tuple[str, dict[str, Any]]:
         if mode == Mode.STITCHED:
             model = p.raw.get("model") or plan.body.get("model") or ""
-            return ENDPOINTS[COMPLETIONS], stitched_body(plan, model, p.prompt_token_ids, p.first_token, p.kv_params)
+            return ENDPOINTS[COMPLETIONS], stitched_body(
+                plan, model, p.prompt_token_ids, p.first_token, p.kv_params
+            )
         return ENDPOINTS[plan.kind], decode_body(plan, p.kv_params)
 
     async def decode_whole(
@@ -146,12 +163,18 @@ class Dispatcher:
         path, body = self.decode_request(plan, p, mode)
         loop = asyncio.get_running_loop()
 
-        async def attempt(pool: Pool, inst: Instance, leg_headers: dict[str, str]) -> dict[str, Any]:
+        async def attempt(
+            pool: Pool, inst: Instance, leg_headers: dict[str, str]
+        ) -> dict[str, Any]:
             timeout = max(deadline - loop.time(), 0.001)
-            return await call_json(self.registry.http, inst, DECODE, path, body, leg_headers, timeout)
+            return await call_json(
+                self.registry.http, inst, DECODE, path, body, leg_headers, timeout
+            )
 
         try:
-            answer = await self.on_instances(DECODE, record, attempt, headers, plan.estimated_tokens)
+            answer = await self.on_instances(
+                DECODE, record, attempt, headers, plan.estimated_tokens
+            )
         except BaseException:
             held.release()  # no D took the KV (or the client left): free it now
             raise
@@ -174,7 +197,9 @@ class Dispatcher:
         D answers first; P's KV is released if none does."""
         path, body = self.decode_request(plan, p, mode)
         try:
-            opened = await self.open_stream(record, path, body, headers, deadline, plan.estimated_tokens)
+            opened = await self.open_stream(
+                record, path, body, headers, deadline, plan.estimated_tokens
+            )
         except BaseException:
             held.release()
             raise
@@ -182,11 +207,19 @@ class Dispatcher:
         return opened
 
     async def open_stream(
-        self, record: RequestRecord, path: str, body: dict[str, Any], headers: dict[str, str], deadline: float, tokens: int
+        self,
+        record: RequestRecord,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        deadline: float,
+        tokens: int,
     ) -> tuple[EventStream, Instance]:
         settings = self.settings
 
-        async def attempt(pool: Pool, inst: Instance, leg_headers: dict[str, str]) -> tuple[EventStream, Instance]:
+        async def attempt(
+            pool: Pool, inst: Instance, leg_headers: dict[str, str]
+        ) -> tuple[EventStream, Instance]:
             stream = await EventStream.open(
                 self.registry.http, inst, DECODE, path, body, leg_headers,
                 first_byte_timeout=settings.first_byte_timeout,
@@ -225,4 +258,3 @@ class Dispatcher:
     async def drain(self) -> None:
         if self._background:
             await asyncio.wait(list(self._background), timeout=self.settings.kv_release_timeout + 1)
-

@@ -28,23 +28,24 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from ..fleet.backends import DECODE, PREFILL, Instance, Registry
-from .disconnect import DisconnectWatch
-from .dispatch import Dispatcher
 from ..errors import ProxyError
-from .legs import call_json
+from ..fleet.backends import DECODE, PREFILL, Instance, Registry
 from ..observe.metrics import FALLBACKS, RequestRecord
-from .plan import Plan, plan_request, straddles_stop
-from .responses import EventStreamResponse
+from ..observe.tracing import Tracing
 from ..settings import PoolDownPolicy, Settings
 from ..wire.sse import DONE_EVENT
+from .disconnect import DisconnectWatch
+from .dispatch import Dispatcher
+from .legs import call_json
+from .plan import Plan, plan_request, straddles_stop
+from .responses import EventStreamResponse
 from .stitch import PrefillResult, as_stream, fix_decode_answer, merge_stitched, prefill_only_answer
 from .streams import DecodeLeg, decode_stream, relay_stream
 from .vocabulary import CHAT, ENDPOINTS, Mode
-from ..observe.tracing import Tracing
 
 log = logging.getLogger("pdproxy")
 T = TypeVar("T")
+
 
 class ClientGone(Exception):
     """The client disconnected; nothing more is sent."""
@@ -78,6 +79,14 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def read_json(request: Request, limit: int) -> Any:
+    # vLLM refuses any other media type before reading the body, in these words.
+    media_type = request.headers.get("content-type", "").lower().split(";", 1)[0].strip()
+    if media_type != "application/json":
+        raise ProxyError(
+            400,
+            "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
+            err_type="Bad Request",
+        )
     body = await read_body(request, limit)
     try:
         # The stdlib, not orjson: a client's integers must pass on exactly, and orjson
@@ -90,7 +99,9 @@ async def read_json(request: Request, limit: int) -> Any:
 class Gateway:
     """Serves generation requests: the P/D request path."""
 
-    def __init__(self, settings: Settings, registry: Registry, tracing: Tracing | None = None) -> None:
+    def __init__(
+        self, settings: Settings, registry: Registry, tracing: Tracing | None = None
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.tracing = tracing or Tracing(None)
@@ -98,19 +109,29 @@ class Gateway:
 
     async def generate(self, request: Request, kind: str) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        record = RequestRecord(request_id, kind, trace=self.tracing.start(request.headers, f"pdproxy.{kind}"))
+        record = RequestRecord(
+            request_id, kind, trace=self.tracing.start(request.headers, f"pdproxy.{kind}")
+        )
         headers = {"x-request-id": request_id}
         try:
             # 1. Read and validate: a 400 before any backend is called.
-            plan = plan_request(kind, await read_json(request, self.settings.max_body_bytes), self.settings.max_tokens_limit)
+            plan = plan_request(
+                kind,
+                await read_json(request, self.settings.max_body_bytes),
+                self.settings.max_tokens_limit,
+            )
             deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
             backend_headers = self._backend_headers(request, request_id)
             colocated = self._colocated_reason(plan)
             if colocated:
-                return await self._colocated(request, plan, record, headers, backend_headers, colocated, deadline)
+                return await self._colocated(
+                    request, plan, record, headers, backend_headers, colocated, deadline
+                )
 
             # 2. Prefill: P computes the prompt and one token, and holds the KV.
-            p, p_inst, held = await until_disconnect(request, self.dispatch.prefill(plan, record, backend_headers))
+            p, p_inst, held = await until_disconnect(
+                request, self.dispatch.prefill(plan, record, backend_headers)
+            )
 
             # 3. Mode: was P's token the last one; can D continue exactly after it?
             mode, reason = self._choose_mode(plan, p, p_inst)
@@ -130,15 +151,25 @@ class Gateway:
                     # Nothing is sent before D's first event anyway, so wait for it here:
                     # a decode-side 4xx then reaches the client as a real HTTP status.
                     opened = await until_disconnect(
-                        request, self.dispatch.open_decode_stream(plan, p, held, mode, record, backend_headers, deadline)
+                        request,
+                        self.dispatch.open_decode_stream(
+                            plan, p, held, mode, record, backend_headers, deadline
+                        ),
                     )
                 leg = DecodeLeg(self.dispatch, p, held, opened)
                 body = decode_stream(leg, plan, mode, record, backend_headers, deadline)
-                return EventStreamResponse(body, headers=headers, background=BackgroundTask(leg.cleanup))
+                return EventStreamResponse(
+                    body, headers=headers, background=BackgroundTask(leg.cleanup)
+                )
             d = await until_disconnect(
-                request, self.dispatch.decode_whole(plan, p, held, mode, record, backend_headers, deadline)
+                request,
+                self.dispatch.decode_whole(plan, p, held, mode, record, backend_headers, deadline),
             )
-            answer = merge_stitched(plan, p, d) if mode == Mode.STITCHED else fix_decode_answer(plan, p, d)
+            answer = (
+                merge_stitched(plan, p, d)
+                if mode == Mode.STITCHED
+                else fix_decode_answer(plan, p, d)
+            )
             return self._whole_answer(plan, answer, headers, record)
         except ProxyError as error:
             return self._error_response(error, record, headers)
@@ -163,7 +194,9 @@ class Gateway:
             return "no decode instance"
         return None
 
-    def _choose_mode(self, plan: Plan, p: PrefillResult, p_inst: Instance) -> tuple[Mode, str | None]:
+    def _choose_mode(
+        self, plan: Plan, p: PrefillResult, p_inst: Instance
+    ) -> tuple[Mode, str | None]:
         """After P: was its token the last one, and can D continue after it exactly?"""
         if p.finish_reason != "length" or plan.max_tokens == 1:
             return Mode.PREFILL, None
@@ -201,18 +234,27 @@ class Gateway:
         path = ENDPOINTS[plan.kind]
         if plan.stream:
             stream, inst = await until_disconnect(
-                request, self.dispatch.open_stream(record, path, plan.body, backend_headers, deadline, plan.estimated_tokens)
+                request,
+                self.dispatch.open_stream(
+                    record, path, plan.body, backend_headers, deadline, plan.estimated_tokens
+                ),
             )
-            return EventStreamResponse(relay_stream(stream, inst, record, plan.estimated_tokens), headers=headers)
+            return EventStreamResponse(
+                relay_stream(stream, inst, record, plan.estimated_tokens), headers=headers
+            )
         loop = asyncio.get_running_loop()
 
         async def attempt(pool, inst: Instance, leg_headers: dict[str, str]) -> dict[str, Any]:
             timeout = max(deadline - loop.time(), 0.001)
-            return await call_json(self.registry.http, inst, DECODE, path, plan.body, leg_headers, timeout)
+            return await call_json(
+                self.registry.http, inst, DECODE, path, plan.body, leg_headers, timeout
+            )
 
         answer = await until_disconnect(
             request,
-            self.dispatch.on_instances(DECODE, record, attempt, backend_headers, plan.estimated_tokens),
+            self.dispatch.on_instances(
+                DECODE, record, attempt, backend_headers, plan.estimated_tokens
+            ),
         )
         record.first_token = time.perf_counter()
         return self._whole_answer(plan, answer, headers, record, already_final=True)
@@ -220,7 +262,12 @@ class Gateway:
     # --- small helpers --------------------------------------------------------------
 
     def _whole_answer(
-        self, plan: Plan, answer: dict[str, Any], headers: dict[str, str], record: RequestRecord, already_final: bool = False
+        self,
+        plan: Plan,
+        answer: dict[str, Any],
+        headers: dict[str, str],
+        record: RequestRecord,
+        already_final: bool = False,
     ) -> Response:
         usage = answer.get("usage") or {}
         record.completion_tokens = usage.get("completion_tokens")
@@ -229,13 +276,20 @@ class Gateway:
         phases = record.phases()
         headers = {
             **headers,
-            "server-timing": ", ".join(f"{name};dur={phases[name] * 1000:.2f}" for name in ("prefill", "handoff", "decode", "proxy")),
+            "server-timing": ", ".join(
+                f"{name};dur={phases[name] * 1000:.2f}"
+                for name in ("prefill", "handoff", "decode", "proxy")
+            ),
         }
         if plan.stream and not already_final:
-            return EventStreamResponse(_replay(as_stream(plan, answer) + [DONE_EVENT]), headers=headers)
+            return EventStreamResponse(
+                _replay(as_stream(plan, answer) + [DONE_EVENT]), headers=headers
+            )
         return JSONResponse(answer, headers=headers)
 
-    def _error_response(self, error: ProxyError, record: RequestRecord, headers: dict[str, str]) -> Response:
+    def _error_response(
+        self, error: ProxyError, record: RequestRecord, headers: dict[str, str]
+    ) -> Response:
         record.outcome = "client_error" if error.status < 500 else "error"
         record.status, record.error = error.status, error.message
         record.finish()

@@ -29,7 +29,11 @@ def release_target(params: dict[str, Any] | None) -> tuple[str, str] | None:
     """(control-plane base URL, transfer id) of a held transfer, or None if the
     params do not say (P runs no connector, or an older one)."""
     params = params or {}
-    host, port, transfer_id = params.get(REMOTE_HOST), params.get(CONTROL_PORT), params.get(TRANSFER_ID)
+    host, port, transfer_id = (
+        params.get(REMOTE_HOST),
+        params.get(CONTROL_PORT),
+        params.get(TRANSFER_ID),
+    )
     if not (host and port and transfer_id):
         return None
     try:

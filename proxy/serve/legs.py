@@ -12,8 +12,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..fleet.backends import Instance
 from ..errors import ProxyError, error_body
+from ..fleet.backends import Instance
 from ..wire.http import HTTPError, HTTPPool, Response
 from ..wire.jsonutil import dumps, loads
 from ..wire.sse import DONE, SSEParser, SSEProtocolError
@@ -41,7 +41,9 @@ def _backend_error(leg: str, inst: Instance, status: int, raw: bytes) -> LegErro
     """Turn a backend's non-200 answer into the error the client gets."""
     try:
         body = loads(raw)
-        message = body["error"]["message"] if isinstance(body.get("error"), dict) else body.get("message")
+        message = (
+            body["error"]["message"] if isinstance(body.get("error"), dict) else body.get("message")
+        )
     except (ValueError, KeyError, TypeError, AttributeError):
         body, message = None, None
     if 400 <= status < 500 and status not in (408, 429):
@@ -58,13 +60,24 @@ def _backend_error(leg: str, inst: Instance, status: int, raw: bytes) -> LegErro
     )
 
 
-def _transport_error(leg: str, inst: Instance, exc: Exception, timeout: float | None = None) -> LegError:
+def _transport_error(
+    leg: str, inst: Instance, exc: Exception, timeout: float | None = None
+) -> LegError:
     if isinstance(exc, TimeoutError):
         limit = f" within {timeout:g}s" if timeout else ""
-        return LegError(504, f"{leg} backend {inst.url} did not answer{limit}", leg=leg, retryable=True)
+        return LegError(
+            504, f"{leg} backend {inst.url} did not answer{limit}", leg=leg, retryable=True
+        )
     if isinstance(exc, HTTPError) and exc.connect:
-        return LegError(502, f"{leg} backend {inst.url} is unreachable: {exc}", leg=leg, retryable=True)
-    return LegError(502, f"{leg} backend {inst.url} failed: {type(exc).__name__}: {exc}", leg=leg, retryable=True)
+        return LegError(
+            502, f"{leg} backend {inst.url} is unreachable: {exc}", leg=leg, retryable=True
+        )
+    return LegError(
+        502,
+        f"{leg} backend {inst.url} failed: {type(exc).__name__}: {exc}",
+        leg=leg,
+        retryable=True,
+    )
 
 
 async def call_json(
@@ -92,9 +105,13 @@ async def call_json(
     try:
         answer = loads(raw)
     except ValueError as exc:
-        raise LegError(502, f"{leg} backend {inst.url} sent invalid JSON", leg=leg, retryable=True) from exc
+        raise LegError(
+            502, f"{leg} backend {inst.url} sent invalid JSON", leg=leg, retryable=True
+        ) from exc
     if not isinstance(answer, dict):
-        raise LegError(502, f"{leg} backend {inst.url} sent an unexpected answer", leg=leg, retryable=True)
+        raise LegError(
+            502, f"{leg} backend {inst.url} sent an unexpected answer", leg=leg, retryable=True
+        )
     return answer
 
 
@@ -143,7 +160,11 @@ class EventStream:
         try:
             async with asyncio.timeout(first_byte_timeout):
                 stream._response = await pool.request(
-                    inst.url, "POST", path, dumps(body), {**headers, **JSON, "accept": "text/event-stream"}
+                    inst.url,
+                    "POST",
+                    path,
+                    dumps(body),
+                    {**headers, **JSON, "accept": "text/event-stream"},
                 )
                 if stream._response.status != 200:
                     raw = await stream._response.body(MAX_ERROR_BODY)

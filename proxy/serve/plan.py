@@ -23,7 +23,6 @@ from ..errors import bad_request
 from .kv_params import prefill_params
 from .vocabulary import CHAT, COMPLETIONS
 
-
 # Completions' protocol default when max_tokens is absent or null (vLLM and OpenAI).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
@@ -118,7 +117,9 @@ def _int(body: dict[str, Any], key: str, minimum: int | None = None) -> int | No
     return value
 
 
-def _number(body: dict[str, Any], key: str, low: float | None = None, high: float | None = None) -> float | None:
+def _number(
+    body: dict[str, Any], key: str, low: float | None = None, high: float | None = None
+) -> float | None:
     value = _get(body, key, (int, float), "a number")
     if value is None:
         return None
@@ -143,7 +144,9 @@ def _stop_list(body: dict[str, Any]) -> list[str]:
 
 
 def _check_token_ids(value: Any, key: str) -> None:
-    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+    ):
         raise bad_request(f"'{key}' must be a list of non-negative integers", key)
 
 
@@ -157,7 +160,9 @@ def plan_request(kind: str, body: Any, max_tokens_limit: int = 0) -> Plan:
     if model is not None and not isinstance(model, str):
         raise bad_request("'model' must be a string", "model")
     if "kv_transfer_params" in body:
-        raise bad_request("'kv_transfer_params' is set by the proxy, not by clients", "kv_transfer_params")
+        raise bad_request(
+            "'kv_transfer_params' is set by the proxy, not by clients", "kv_transfer_params"
+        )
 
     stream = bool(_bool(body, "stream"))
     stream_options = body.get("stream_options")
@@ -166,7 +171,9 @@ def plan_request(kind: str, body: Any, max_tokens_limit: int = 0) -> Plan:
         if not isinstance(stream_options, dict):
             raise bad_request("'stream_options' must be an object", "stream_options")
         if stream_options and not stream:
-            raise bad_request("Stream options can only be defined when `stream=True`.", "stream_options")
+            raise bad_request(
+                "Stream options can only be defined when `stream=True`.", "stream_options"
+            )
         include_usage = bool(_bool(stream_options, "include_usage"))
         continuous_usage = include_usage and bool(_bool(stream_options, "continuous_usage_stats"))
 
@@ -179,7 +186,13 @@ def plan_request(kind: str, body: Any, max_tokens_limit: int = 0) -> Plan:
     _number(body, "repetition_penalty", 0.0, None)
     _int(body, "top_k", -1)
     seed = _get(body, "seed", (int,), "an integer")
-    for key in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "use_beam_search", "return_token_ids"):
+    for key in (
+        "ignore_eos",
+        "include_stop_str_in_output",
+        "skip_special_tokens",
+        "use_beam_search",
+        "return_token_ids",
+    ):
         _bool(body, key)
     stop = _stop_list(body)
     if body.get("stop_token_ids") is not None:
@@ -226,10 +239,14 @@ def plan_request(kind: str, body: Any, max_tokens_limit: int = 0) -> Plan:
         if max_tokens is None:
             # "Up to the context length" becomes "up to the operator's cap".
             max_tokens = max_tokens_limit
-            body = {**body, "max_completion_tokens" if kind == CHAT else "max_tokens": max_tokens_limit}
+            body = {
+                **body,
+                "max_completion_tokens" if kind == CHAT else "max_tokens": max_tokens_limit,
+            }
         elif max_tokens > max_tokens_limit:
             raise bad_request(
-                f"max_tokens may be at most {max_tokens_limit} on this server, got {max_tokens}.", "max_tokens"
+                f"max_tokens may be at most {max_tokens_limit} on this server, got {max_tokens}.",
+                "max_tokens",
             )
     if n > 1 and temperature == 0.0 and not body.get("use_beam_search"):
         # vLLM's own rule; checked here because P only ever sees n=1.
@@ -265,7 +282,9 @@ def _completion_prompt(body: dict[str, Any]) -> tuple[Any, str | None]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         if not prompt:
-            raise bad_request("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+            raise bad_request(
+                "Either prompt or prompt_embeds must be provided and non-empty.", "prompt"
+            )
         return prompt, None
     if isinstance(prompt, list) and prompt:
         if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -279,7 +298,9 @@ def _completion_prompt(body: dict[str, Any]) -> tuple[Any, str | None]:
                 if isinstance(only, list):
                     _check_token_ids(only, "prompt")
                 elif not only:
-                    raise bad_request("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+                    raise bad_request(
+                        "Either prompt or prompt_embeds must be provided and non-empty.", "prompt"
+                    )
                 return only, None
             return repr(prompt[:4]), "batched prompts"
     raise bad_request(
@@ -291,7 +312,9 @@ def _messages_prefix(messages: list[dict[str, Any]]) -> str:
     parts = []
     for message in messages[:4]:
         content = message.get("content")
-        parts.append(f"{message.get('role')}:{content if isinstance(content, str) else repr(content)[:256]}")
+        parts.append(
+            f"{message.get('role')}:{content if isinstance(content, str) else repr(content)[:256]}"
+        )
     return "\n".join(parts)
 
 
@@ -397,7 +420,10 @@ def stitched_body(
         body.pop("logprobs", None)
     if plan.stream:
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": plan.continuous_usage}
+        body["stream_options"] = {
+            "include_usage": True,
+            "continuous_usage_stats": plan.continuous_usage,
+        }
     else:
         body["stream"] = False
         body.pop("stream_options", None)

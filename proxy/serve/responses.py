@@ -41,7 +41,9 @@ class EventStreamResponse(StreamingResponse):
 
     async def _stream(self, send: Send) -> None:
         """Starlette's ``stream_response`` without its per-chunk checks: the body is bytes."""
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
         async for chunk in self.body_iterator:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

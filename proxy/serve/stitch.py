@@ -23,9 +23,9 @@ from typing import Any
 
 from ..errors import ProxyError
 from ..wire.jsonutil import dumps, loads
+from ..wire.sse import event
 from .plan import Plan
 from .vocabulary import CHAT, Mode
-from ..wire.sse import event
 
 
 @dataclass
@@ -54,9 +54,11 @@ class PrefillResult:
     def parsed_by_server(self) -> bool:
         """True when P's chat output went through a reasoning or tool parser."""
         message = self.choice.get("message") or {}
-        return bool(message.get("reasoning") or message.get("reasoning_content") or message.get("tool_calls")) or (
-            self.kind == CHAT and message.get("content") is None
-        )
+        return bool(
+            message.get("reasoning")
+            or message.get("reasoning_content")
+            or message.get("tool_calls")
+        ) or (self.kind == CHAT and message.get("content") is None)
 
 
 def parse_prefill(kind: str, raw: dict[str, Any], backend: str) -> PrefillResult:
@@ -69,7 +71,11 @@ def parse_prefill(kind: str, raw: dict[str, Any], backend: str) -> PrefillResult
             text = choice.get("text") or ""
             prompt_ids = choice.get("prompt_token_ids")
         token_ids = choice.get("token_ids")
-        if not isinstance(token_ids, list) or len(token_ids) != 1 or not isinstance(prompt_ids, list):
+        if (
+            not isinstance(token_ids, list)
+            or len(token_ids) != 1
+            or not isinstance(prompt_ids, list)
+        ):
             raise ValueError("no token ids (is this vLLM?)")
         return PrefillResult(
             kind=kind,
@@ -83,10 +89,14 @@ def parse_prefill(kind: str, raw: dict[str, Any], backend: str) -> PrefillResult
             kv_params=raw.get("kv_transfer_params"),
         )
     except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise ProxyError(502, f"prefill backend {backend} sent an unexpected answer: {exc}", leg="prefill") from exc
+        raise ProxyError(
+            502, f"prefill backend {backend} sent an unexpected answer: {exc}", leg="prefill"
+        ) from exc
 
 
-def merged_usage(p: PrefillResult, decode_usage: dict[str, Any] | None, extra_tokens: int) -> dict[str, Any]:
+def merged_usage(
+    p: PrefillResult, decode_usage: dict[str, Any] | None, extra_tokens: int
+) -> dict[str, Any]:
     """The client's usage: P's real prompt and cache hits, P's token plus D's tokens.
 
     ``extra_tokens`` is how many output tokens D did not count itself (1 when stitched:
@@ -116,8 +126,12 @@ def load_event(data: bytes, leg: str = "decode") -> dict[str, Any]:
     if not isinstance(chunk, dict):
         raise ProxyError(502, f"{leg} backend sent an unexpected stream event", leg=leg)
     if "error" in chunk and "choices" not in chunk:
-        error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-        raise ProxyError(502, f"{leg} backend failed mid-stream: {error.get('message')}", leg=leg, body=chunk)
+        error = (
+            chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+        )
+        raise ProxyError(
+            502, f"{leg} backend failed mid-stream: {error.get('message')}", leg=leg, body=chunk
+        )
     return chunk
 
 
@@ -189,7 +203,11 @@ class CompletionStitcher(_Writer):
         }
         if self.plan.continuous_usage:
             prompt = self.p.prompt_tokens
-            chunk["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt + 1, "completion_tokens": 1}
+            chunk["usage"] = {
+                "prompt_tokens": prompt,
+                "total_tokens": prompt + 1,
+                "completion_tokens": 1,
+            }
         return [event(dumps(chunk))]
 
     def rewrite(self, data: bytes) -> bytes | None:
@@ -198,7 +216,11 @@ class CompletionStitcher(_Writer):
             self.decode_usage = chunk["usage"]
             return None  # re-emitted by closing(), with the client's numbers
         # Most chunks need nothing changed: relay their bytes as they are.
-        changed = chunk.get("created") != self.created or chunk.get("id") != self.id or chunk.get("model") != self.model
+        changed = (
+            chunk.get("created") != self.created
+            or chunk.get("id") != self.id
+            or chunk.get("model") != self.model
+        )
         for choice in chunk.get("choices") or ():
             if choice.get("logprobs"):
                 _shift_offsets(choice["logprobs"], self.offset_base)
@@ -246,7 +268,9 @@ class ChatStitcher(_Writer):
         self.role = (p.choice.get("message") or {}).get("role") or "assistant"
         self.completion_tokens = 1
 
-    def _chunk(self, choice: dict[str, Any], completion_tokens: int | None = None) -> dict[str, Any]:
+    def _chunk(
+        self, choice: dict[str, Any], completion_tokens: int | None = None
+    ) -> dict[str, Any]:
         chunk = {**self.base, "choices": [choice]}
         if self.plan.continuous_usage and completion_tokens is not None:
             prompt = self.p.prompt_tokens
@@ -258,9 +282,16 @@ class ChatStitcher(_Writer):
         return chunk
 
     def opening(self) -> list[bytes]:
-        role_choice = {"index": 0, "delta": {"role": self.role, "content": ""}, "logprobs": None, "finish_reason": None}
+        role_choice = {
+            "index": 0,
+            "delta": {"role": self.role, "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
         role_chunk = self._chunk(role_choice, 0)
-        role_chunk["prompt_token_ids"] = self.p.prompt_token_ids if self.plan.return_token_ids else None
+        role_chunk["prompt_token_ids"] = (
+            self.p.prompt_token_ids if self.plan.return_token_ids else None
+        )
         role_chunk["prompt_text"] = self.p.raw.get("prompt_text")
         token_choice = {
             "index": 0,
@@ -376,15 +407,20 @@ def merge_stitched(plan: Plan, p: PrefillResult, d: dict[str, Any]) -> dict[str,
     return answer
 
 
-def _merge_logprobs(first: dict[str, Any] | None, rest: dict[str, Any] | None) -> dict[str, Any] | None:
+def _merge_logprobs(
+    first: dict[str, Any] | None, rest: dict[str, Any] | None
+) -> dict[str, Any] | None:
     if first is None or rest is None:
         return first or rest
     base = _offset_after(first)
     return {
-        "text_offset": list(first.get("text_offset") or []) + [o + base for o in rest.get("text_offset") or []],
-        "token_logprobs": list(first.get("token_logprobs") or []) + list(rest.get("token_logprobs") or []),
+        "text_offset": list(first.get("text_offset") or [])
+        + [o + base for o in rest.get("text_offset") or []],
+        "token_logprobs": list(first.get("token_logprobs") or [])
+        + list(rest.get("token_logprobs") or []),
         "tokens": list(first.get("tokens") or []) + list(rest.get("tokens") or []),
-        "top_logprobs": list(first.get("top_logprobs") or []) + list(rest.get("top_logprobs") or []),
+        "top_logprobs": list(first.get("top_logprobs") or [])
+        + list(rest.get("top_logprobs") or []),
     }
 
 
@@ -420,14 +456,32 @@ def as_stream(plan: Plan, answer: dict[str, Any]) -> list[bytes]:
         if plan.kind == CHAT:
             base["object"] = "chat.completion.chunk"
             message = choice.get("message") or {}
-            role_chunk = {**base, "choices": [{"index": choice["index"], "delta": {"role": message.get("role", "assistant"), "content": ""}, "logprobs": None, "finish_reason": None}]}
+            role_chunk = {
+                **base,
+                "choices": [
+                    {
+                        "index": choice["index"],
+                        "delta": {"role": message.get("role", "assistant"), "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            }
             role_chunk["prompt_token_ids"] = answer.get("prompt_token_ids")
             events.append(event(dumps(role_chunk)))
             delta: dict[str, Any] = {"content": message.get("content") or ""}
-            stream_choice = {"index": choice["index"], "delta": delta, "logprobs": choice.get("logprobs")}
+            stream_choice = {
+                "index": choice["index"],
+                "delta": delta,
+                "logprobs": choice.get("logprobs"),
+            }
         else:
             base["object"] = "text_completion"
-            stream_choice = {"index": choice["index"], "text": choice.get("text") or "", "logprobs": choice.get("logprobs")}
+            stream_choice = {
+                "index": choice["index"],
+                "text": choice.get("text") or "",
+                "logprobs": choice.get("logprobs"),
+            }
         stream_choice["finish_reason"] = choice.get("finish_reason")
         stream_choice["stop_reason"] = choice.get("stop_reason")
         if plan.kind != CHAT:
@@ -435,12 +489,18 @@ def as_stream(plan: Plan, answer: dict[str, Any]) -> list[bytes]:
         stream_choice["token_ids"] = choice.get("token_ids")
         chunk = {**base, "choices": [stream_choice]}
         if plan.continuous_usage and usage:
-            chunk["usage"] = {k: usage[k] for k in ("prompt_tokens", "total_tokens", "completion_tokens")}
+            chunk["usage"] = {
+                k: usage[k] for k in ("prompt_tokens", "total_tokens", "completion_tokens")
+            }
         if not plan.include_usage and answer.get("system_fingerprint") is not None:
             chunk["system_fingerprint"] = answer["system_fingerprint"]
         events.append(event(dumps(chunk)))
     if plan.include_usage and usage:
-        usage_chunk = {**base, "choices": [], "usage": {k: v for k, v in usage.items() if v is not None}}
+        usage_chunk = {
+            **base,
+            "choices": [],
+            "usage": {k: v for k, v in usage.items() if v is not None},
+        }
         if answer.get("system_fingerprint") is not None:
             usage_chunk["system_fingerprint"] = answer["system_fingerprint"]
         events.append(event(dumps(usage_chunk)))

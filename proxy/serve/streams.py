@@ -131,7 +131,9 @@ async def decode_stream(
         record.finish()
 
 
-async def relay_stream(stream: EventStream, inst: Instance, record: RequestRecord, tokens: int) -> AsyncIterator[bytes]:
+async def relay_stream(
+    stream: EventStream, inst: Instance, record: RequestRecord, tokens: int
+) -> AsyncIterator[bytes]:
     """A backend's stream passed through as it is (each event checked to be sound)."""
     occupied = Occupied(inst, DECODE, tokens).__enter__()
     try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -99,7 +99,9 @@ class _Connection(asyncio.Protocol):
         response.status = self.parser.get_status_code()
         response.headers = self._headers
         response.keep_alive = self.parser.should_keep_alive()
-        response.until_close = not any(name in (b"content-length", b"transfer-encoding") for name, _ in self._headers)
+        response.until_close = not any(
+            name in (b"content-length", b"transfer-encoding") for name, _ in self._headers
+        )
         if self._headers_done is not None and not self._headers_done.done():
             self._headers_done.set_result(None)
 
@@ -161,12 +163,6 @@ class Response:
         self._released = False
         self._on_done: "Callable[[Response], None] | None" = None
 
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
-
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -219,10 +215,6 @@ class Response:
             self._conn.transport.resume_reading()
         return piece
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while (piece := await self.read()) is not None:
-            yield piece
-
     async def body(self, limit: int = 256 * 1024 * 1024) -> bytes:
         data = bytearray()
         while (piece := await self.read()) is not None:
@@ -273,7 +265,9 @@ class HTTPPool:
         self.max_idle = max_idle_per_origin
         self._origins: dict[str, Origin] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
-        self._default = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in (default_headers or {}).items())
+        self._default = b"".join(
+            f"{k}: {v}\r\n".encode("latin-1") for k, v in (default_headers or {}).items()
+        )
         self._ssl: ssl.SSLContext | None = None
 
     def origin(self, base_url: str) -> Origin:
@@ -284,7 +278,12 @@ class HTTPPool:
         return origin
 
     async def request(
-        self, base_url: str, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+        self,
+        base_url: str,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
     ) -> Response:
         """Send a request; return once the response's status and headers are in."""
         origin = self.origin(base_url)
@@ -323,10 +322,16 @@ class HTTPPool:
                 origin.open -= 1
             slots.release()
             raise
+
         def give_back(done: Response) -> None:
             slots.release()
             assert conn is not None
-            if done.complete and done.keep_alive and conn.reusable() and len(origin.idle) < self.max_idle:
+            if (
+                done.complete
+                and done.keep_alive
+                and conn.reusable()
+                and len(origin.idle) < self.max_idle
+            ):
                 conn._response = None
                 origin.idle.append(conn)
             else:
@@ -355,7 +360,9 @@ class HTTPPool:
                     lambda: _Connection(origin.host), origin.host, origin.port, ssl=ssl_context
                 )
         except TimeoutError as exc:
-            raise ConnectTimeout(f"connect to {origin.host}:{origin.port} timed out after {self.connect_timeout:g}s") from exc
+            raise ConnectTimeout(
+                f"connect to {origin.host}:{origin.port} timed out after {self.connect_timeout:g}s"
+            ) from exc
         except OSError as exc:
             raise ConnectError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from exc
         origin.open += 1

@@ -12,7 +12,6 @@ from typing import Any
 
 import orjson
 
-
 # Backends' answers only: vLLM's output holds no integers beyond 64 bits (a client's
 # request body is read with the stdlib, which keeps them exact).
 loads = orjson.loads

@@ -2,13 +2,15 @@
 
 Servers are session-scoped and shared: a vLLM CPU server takes a minute or more to
 start on a two-core machine, so each kind is started once. Two servers never share a
-CPU core binding (BRIEF §5), and every connector gets its own ports.
+CPU core binding (vLLM CPU binds to core 0 unless told otherwise), and every connector
+gets its own ports.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 from pathlib import Path
 
@@ -65,9 +67,14 @@ def connector_port() -> int:
         return port
 
 
-def pd_server(name: str, model_dir: Path, log_dir: Path, **extra_config) -> servers.Process:
-    """A vLLM CPU server with the PDConnector, on its own ports and core."""
-    config = {"host": "127.0.0.1", "zmq_port": connector_port(), "control_port": connector_port()}
+def pd_server(
+    name: str, model_dir: Path, log_dir: Path, free_ports: bool = False, **extra_config
+) -> servers.Process:
+    """A vLLM CPU server with the PDConnector, on its own core; on ports the test picks,
+    or (``free_ports``) with the connector's defaults, which pick free ones."""
+    config = {"host": "127.0.0.1"}
+    if not free_ports:
+        config.update(zmq_port=connector_port(), control_port=connector_port())
     config.update(extra_config)
     proc = servers.vllm_server(
         name,
@@ -76,10 +83,19 @@ def pd_server(name: str, model_dir: Path, log_dir: Path, **extra_config) -> serv
         kv_transfer_config=servers.pd_connector_config(**config),
         cpu_core=next(_core),
     )
-    # The connector's own endpoints (GET /pd/stats, POST /pd/release) for tests.
+    # The connector's own endpoints (GET /pd/stats, POST /pd/release) for tests; with free
+    # ports, known once the server has started (connector_control_url).
     proc.pd_config = config
-    proc.control_url = f"http://127.0.0.1:{config['control_port']}"
+    proc.control_url = f"http://127.0.0.1:{config['control_port']}" if not free_ports else None
     return proc
+
+
+def connector_control_url(proc: servers.Process) -> str:
+    """The control plane of a started server whose connector picked a free port: the
+    port it logs (the proxy learns it from P's kv_transfer_params instead)."""
+    found = re.findall(r"PDConnector scheduler side: .*? control (\d+),", proc.log_path.read_text())
+    assert found, f"{proc.name} logged no control port"
+    return f"http://127.0.0.1:{found[-1]}"
 
 
 class Cluster:
@@ -93,13 +109,17 @@ class Cluster:
         self.ref = servers.vllm_server("ref", model_dir, log_dir, cpu_core=1)
         self.p1 = pd_server("p1", model_dir, log_dir)
         self.d1 = pd_server("d1", model_dir, log_dir)
-        self.p2 = pd_server("p2", model_dir, log_dir)
-        self.d2 = pd_server("d2", model_dir, log_dir)
+        # Started with no connector ports at all: several engines share this host on
+        # the defaults (free ports, advertised in kv_transfer_params).
+        self.p2 = pd_server("p2", model_dir, log_dir, free_ports=True)
+        self.d2 = pd_server("d2", model_dir, log_dir, free_ports=True)
         self.all = [self.ref, self.p1, self.d1, self.p2, self.d2]
         self.proxies: list[servers.Process] = []
         self.log_dir = log_dir
 
-    def proxy(self, name: str, prefill: list[servers.Process], decode: list[servers.Process], **env: str) -> servers.Process:
+    def proxy(
+        self, name: str, prefill: list[servers.Process], decode: list[servers.Process], **env: str
+    ) -> servers.Process:
         proc = servers.proxy_server(
             name,
             self.log_dir,
@@ -120,6 +140,8 @@ class Cluster:
 def cluster(model_dir: Path, log_dir: Path):
     c = Cluster(model_dir, log_dir)
     servers.start_all(c.all)
+    for proc in (c.p2, c.d2):
+        proc.control_url = connector_control_url(proc)
     try:
         yield c
     finally:

@@ -208,6 +208,7 @@ def test_decode_mode_completion_uses_transferred_kv(cluster):
         "remote_engine_id",
         "remote_host",
         "remote_port",
+        "remote_ports",
         "control_port",
         "remote_block_ids",
         "remote_num_tokens",
@@ -423,7 +424,8 @@ def test_decode_abort_during_pull_cleans_up(cluster):
     p, d = cluster.p2, cluster.d2
     text = text_prompt(9, 150)
     params = prefill(p.url, text)["kv_transfer_params"]
-    dead = dict(params, remote_port=servers.free_port())
+    gone = servers.free_port()
+    dead = dict(params, remote_port=gone, remote_ports=[gone])
     d_before = stats(d)
     body = {
         "model": "tiny",

@@ -31,7 +31,13 @@ PROMPTS = [
 
 
 def chat(prompt: str, **extra) -> dict:
-    return {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 24, **extra}
+    return {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": 24,
+        **extra,
+    }
 
 
 def completion(prompt: str, **extra) -> dict:
@@ -46,7 +52,9 @@ def assert_same(ref_url: str, proxy_url: str, path: str, body: dict) -> dict:
     if body.get("stream") and got.status == 200:
         assert got.content_type.startswith("text/event-stream")
         assert got.done and len(got.ids) == 1
-        assert got.usage_chunks == (1 if (body.get("stream_options") or {}).get("include_usage") else 0)
+        assert got.usage_chunks == (
+            1 if (body.get("stream_options") or {}).get("include_usage") else 0
+        )
     return got.headers
 
 
@@ -73,7 +81,10 @@ def test_greedy_equality(cluster, proxy, prompt, stream):
     if stream:
         options["stream_options"] = {"include_usage": True}
     modes = set()
-    for path, body in (("/v1/completions", completion(prompt, **options)), ("/v1/chat/completions", chat(prompt, **options))):
+    for path, body in (
+        ("/v1/completions", completion(prompt, **options)),
+        ("/v1/chat/completions", chat(prompt, **options)),
+    ):
         headers = assert_same(cluster.ref.url, proxy.url, path, body)
         modes.add(headers["x-pdproxy-mode"])
     assert modes <= {"stitched", "decode"}
@@ -83,9 +94,14 @@ def test_both_seam_paths_are_exercised(cluster, proxy):
     """Across the prompts, some seams are clean (stitched) and some fall inside a character."""
     seen = set()
     for prompt in PROMPTS:
-        for path, body in (("/v1/completions", completion(prompt)), ("/v1/chat/completions", chat(prompt))):
+        for path, body in (
+            ("/v1/completions", completion(prompt)),
+            ("/v1/chat/completions", chat(prompt)),
+        ):
             response = httpx.post(proxy.url + path, json=body, timeout=120)
-            seen.add((response.headers["x-pdproxy-mode"], response.headers.get("x-pdproxy-fallback")))
+            seen.add(
+                (response.headers["x-pdproxy-mode"], response.headers.get("x-pdproxy-fallback"))
+            )
     assert ("stitched", None) in seen
     assert ("decode", "seam inside a character") in seen
 
@@ -140,8 +156,12 @@ def _clean_seam_prompt(ref_url: str) -> tuple[str, str, str]:
     first token's text and the whole greedy output."""
     with httpx.Client(timeout=120) as client:
         for prompt in PROMPTS:
-            first = client.post(ref_url + "/v1/completions", json=completion(prompt, max_tokens=1)).json()["choices"][0]["text"]
-            text = client.post(ref_url + "/v1/completions", json=completion(prompt)).json()["choices"][0]["text"]
+            first = client.post(
+                ref_url + "/v1/completions", json=completion(prompt, max_tokens=1)
+            ).json()["choices"][0]["text"]
+            text = client.post(ref_url + "/v1/completions", json=completion(prompt)).json()[
+                "choices"
+            ][0]["text"]
             if first and len(text) > len(first) + 6:
                 return prompt, first, text
     raise AssertionError("no prompt with a clean first token")
@@ -155,21 +175,49 @@ def test_stop_strings(cluster, proxy):
     for stop in ([inside], [straddle], [straddle, inside], "\n"):
         for stream in (False, True):
             for include in (False, True):
-                body = completion(prompt, stop=stop, stream=stream, include_stop_str_in_output=include)
+                body = completion(
+                    prompt, stop=stop, stream=stream, include_stop_str_in_output=include
+                )
                 assert_same(cluster.ref.url, proxy.url, "/v1/completions", body)
 
 
 def test_bad_requests_get_400_before_any_backend(proxy):
     with httpx.Client(timeout=30) as client:
         before = client.get(proxy.url + "/metrics").text.count("pdproxy_backend_errors_total{")
-        for body in ({"model": "tiny", "prompt": "x", "max_tokens": "lots"}, {"model": "tiny"}, {"model": "tiny", "prompt": "x", "temperature": -1}):
+        for body in (
+            {"model": "tiny", "prompt": "x", "max_tokens": "lots"},
+            {"model": "tiny"},
+            {"model": "tiny", "prompt": "x", "temperature": -1},
+        ):
             response = client.post(proxy.url + "/v1/completions", json=body)
             assert response.status_code == 400 and response.json()["error"]["message"]
-        response = client.post(proxy.url + "/v1/completions", content=b"{", headers={"content-type": "application/json"})
+        response = client.post(
+            proxy.url + "/v1/completions",
+            content=b"{",
+            headers={"content-type": "application/json"},
+        )
         assert response.status_code == 400
-        unknown_model = client.post(proxy.url + "/v1/completions", json={"model": "nope", "prompt": "x"})
-        assert unknown_model.status_code == 404 and "nope" in unknown_model.json()["error"]["message"]
-        assert client.get(proxy.url + "/metrics").text.count("pdproxy_backend_errors_total{") == before
+        unknown_model = client.post(
+            proxy.url + "/v1/completions", json={"model": "nope", "prompt": "x"}
+        )
+        assert (
+            unknown_model.status_code == 404 and "nope" in unknown_model.json()["error"]["message"]
+        )
+        assert (
+            client.get(proxy.url + "/metrics").text.count("pdproxy_backend_errors_total{") == before
+        )
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_body_that_is_not_json_is_refused_as_vllm_does(cluster, proxy, path, content_type):
+    body = b'{"model": "tiny", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}'
+    headers = {"content-type": content_type} if content_type else {}
+    with httpx.Client(timeout=30) as client:
+        want = client.post(cluster.ref.url + path, content=body, headers=headers)
+        got = client.post(proxy.url + path, content=body, headers=headers)
+    assert got.status_code == want.status_code == 400
+    assert got.json() == want.json()
 
 
 def test_prompt_too_long_is_the_backends_400(cluster, proxy):
@@ -182,7 +230,9 @@ def test_prompt_too_long_is_the_backends_400(cluster, proxy):
 
 
 def test_concurrent_requests(cluster, proxy):
-    bodies = [completion(p, max_tokens=16) for p in PROMPTS] + [chat(p, max_tokens=16) for p in PROMPTS[:2]]
+    bodies = [completion(p, max_tokens=16) for p in PROMPTS] + [
+        chat(p, max_tokens=16) for p in PROMPTS[:2]
+    ]
     paths = ["/v1/completions"] * len(PROMPTS) + ["/v1/chat/completions"] * 2
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         list(pool.map(lambda pb: assert_same(cluster.ref.url, proxy.url, *pb), zip(paths, bodies)))
@@ -192,37 +242,48 @@ def test_kv_moved_and_was_used(cluster, proxy):
     """D loads the prompt's KV from P and computes only the tail: fails if D recomputes."""
     # A few hundred tokens (several blocks), never seen before: no prefix-cache hit on D.
     prompt = f"Request {uuid.uuid4().hex}: " + PROMPTS[-1]
-    external_before = metric(cluster.d1.url, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
-    local_before = metric(cluster.d1.url, "vllm:prompt_tokens_by_source_total", source="local_compute")
+    external_before = metric(
+        cluster.d1.url, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer"
+    )
+    local_before = metric(
+        cluster.d1.url, "vllm:prompt_tokens_by_source_total", source="local_compute"
+    )
     p_prompt_before = metric(cluster.p1.url, "vllm:prompt_tokens_total")
-    response = httpx.post(proxy.url + "/v1/completions", json=completion(prompt, max_tokens=4), timeout=120)
+    response = httpx.post(
+        proxy.url + "/v1/completions", json=completion(prompt, max_tokens=4), timeout=120
+    )
     assert response.status_code == 200
     prompt_tokens = response.json()["usage"]["prompt_tokens"]
     assert prompt_tokens > 200
     # vLLM updates these counters when it logs stats; give it a moment.
     for _ in range(50):
-        external = metric(cluster.d1.url, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer") - external_before
+        external = (
+            metric(
+                cluster.d1.url, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer"
+            )
+            - external_before
+        )
         if external:
             break
         time.sleep(0.2)
-    local = metric(cluster.d1.url, "vllm:prompt_tokens_by_source_total", source="local_compute") - local_before
+    local = (
+        metric(cluster.d1.url, "vllm:prompt_tokens_by_source_total", source="local_compute")
+        - local_before
+    )
     assert external >= prompt_tokens - 1, (external, local)
     assert local <= 2, (external, local)  # P's token (stitched) or the recomputed last token
     assert metric(cluster.p1.url, "vllm:prompt_tokens_total") - p_prompt_before >= prompt_tokens
-    stats = httpx.get(_control_url(cluster.d1) + "/pd/stats", timeout=10).json()
+    stats = httpx.get(cluster.d1.control_url + "/pd/stats", timeout=10).json()
     assert _find_number(stats, "bytes_received") > 0
-
-
-def _control_url(server) -> str:
-    config = server.argv[server.argv.index("--kv-transfer-config") + 1]
-    port = re.search(r'"control_port": (\d+)', config).group(1)
-    return f"http://127.0.0.1:{port}"
 
 
 def _find_number(tree, key: str) -> float:
     """Sum every numeric field named ``key`` in a JSON tree."""
     if isinstance(tree, dict):
-        return sum((v if k == key and isinstance(v, (int, float)) else _find_number(v, key)) for k, v in tree.items())
+        return sum(
+            (v if k == key and isinstance(v, (int, float)) else _find_number(v, key))
+            for k, v in tree.items()
+        )
     if isinstance(tree, list):
         return sum(_find_number(v, key) for v in tree)
     return 0.0
@@ -247,8 +308,10 @@ def test_metrics_after_real_requests(proxy):
         "pdproxy_inter_token_seconds_bucket",
         'pdproxy_phase_seconds_count{phase="prefill"}',
         'pdproxy_phase_seconds_count{phase="handoff"}',
-        'pdproxy_backend_healthy{',
+        "pdproxy_backend_healthy{",
     ):
         assert family in text, family
-    count = float(re.search(r'pdproxy_phase_seconds_count\{phase="prefill"\} ([0-9.e+]+)', text).group(1))
+    count = float(
+        re.search(r'pdproxy_phase_seconds_count\{phase="prefill"\} ([0-9.e+]+)', text).group(1)
+    )
     assert count >= 1

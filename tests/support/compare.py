@@ -59,7 +59,11 @@ def _add_logprobs(summary: Summary, index: int, logprobs: Any) -> None:
     if "content" in logprobs:  # chat
         for item in logprobs["content"] or []:
             summary.logprobs.setdefault(index, []).append(
-                (item["token"], round(item["logprob"], 3), [(t["token"], round(t["logprob"], 3)) for t in item.get("top_logprobs", [])])
+                (
+                    item["token"],
+                    round(item["logprob"], 3),
+                    [(t["token"], round(t["logprob"], 3)) for t in item.get("top_logprobs", [])],
+                )
             )
         return
     tokens = logprobs.get("tokens") or []
@@ -67,13 +71,19 @@ def _add_logprobs(summary: Summary, index: int, logprobs: Any) -> None:
         top = (logprobs.get("top_logprobs") or [None] * len(tokens))[i]
         lp = logprobs["token_logprobs"][i]
         summary.logprobs.setdefault(index, []).append(
-            (token, None if lp is None else round(lp, 3), sorted((k, round(v, 3)) for k, v in (top or {}).items()))
+            (
+                token,
+                None if lp is None else round(lp, 3),
+                sorted((k, round(v, 3)) for k, v in (top or {}).items()),
+            )
         )
     summary.text_offsets.setdefault(index, []).extend(logprobs.get("text_offset") or [])
 
 
 def summarize_response(response: httpx.Response) -> Summary:
-    summary = Summary(status=response.status_code, content_type=response.headers.get("content-type", ""))
+    summary = Summary(
+        status=response.status_code, content_type=response.headers.get("content-type", "")
+    )
     summary.headers = dict(response.headers)
     body = response.json()
     if response.status_code != 200:
@@ -97,13 +107,15 @@ def summarize_response(response: httpx.Response) -> Summary:
     return summary
 
 
-def summarize_stream(lines: list[str], status: int, content_type: str, headers: dict[str, str] | None = None) -> Summary:
+def summarize_stream(
+    lines: list[str], status: int, content_type: str, headers: dict[str, str] | None = None
+) -> Summary:
     summary = Summary(status=status, content_type=content_type)
     summary.headers = headers or {}
     for line in lines:
         if not line.startswith("data: "):
             continue
-        data = line[len("data: "):]
+        data = line[len("data: ") :]
         if data == "[DONE]":
             summary.done = True
             continue
@@ -134,12 +146,25 @@ def summarize_stream(lines: list[str], status: int, content_type: str, headers: 
     return summary
 
 
-def call(client: httpx.Client, base_url: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Summary:
+def call(
+    client: httpx.Client,
+    base_url: str,
+    path: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> Summary:
     if body.get("stream"):
-        with client.stream("POST", base_url + path, json=body, headers=headers, timeout=300) as response:
+        with client.stream(
+            "POST", base_url + path, json=body, headers=headers, timeout=300
+        ) as response:
             if response.status_code != 200:
                 response.read()
                 return summarize_response(response)
             lines = [line for line in response.iter_lines()]
-            return summarize_stream(lines, response.status_code, response.headers.get("content-type", ""), dict(response.headers))
+            return summarize_stream(
+                lines,
+                response.status_code,
+                response.headers.get("content-type", ""),
+                dict(response.headers),
+            )
     return summarize_response(client.post(base_url + path, json=body, headers=headers, timeout=300))

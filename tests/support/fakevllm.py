@@ -55,40 +55,70 @@ class FakeVLLM:
         if path in self.routes:
             return self.routes[path](request)
         if path == "/v1/models":
-            return httpx.Response(200, json={"object": "list", "data": [{"id": "m", "max_model_len": 4096}]})
+            return httpx.Response(
+                200, json={"object": "list", "data": [{"id": "m", "max_model_len": 4096}]}
+            )
         if path == "/health":
             return httpx.Response(200)
         if self.override is not None:
-            self.calls.append({"path": path, "body": json.loads(request.content or b"{}"), "headers": dict(request.headers)})
+            self.calls.append(
+                {
+                    "path": path,
+                    "body": json.loads(request.content or b"{}"),
+                    "headers": dict(request.headers),
+                }
+            )
             return self.override(request)
         return self.generation(request)
 
     def generation(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         chat = request.url.path.endswith("/chat/completions")
-        self.calls.append({"path": request.url.path, "body": body, "headers": dict(request.headers)})
+        self.calls.append(
+            {"path": request.url.path, "body": body, "headers": dict(request.headers)}
+        )
         if self.fail_status:
             status = self.fail_status
             if self.fail_times:
                 self.fail_times -= 1
                 if self.fail_times == 0:
                     self.fail_status = None
-            return httpx.Response(status, json={"error": {"message": f"{self.name} says {status}", "type": "X", "param": None, "code": status}})
+            return httpx.Response(
+                status,
+                json={
+                    "error": {
+                        "message": f"{self.name} says {status}",
+                        "type": "X",
+                        "param": None,
+                        "code": status,
+                    }
+                },
+            )
         if chat:
             prompt = chat_prompt(body["messages"])
             limit = body.get("max_completion_tokens") or body.get("max_tokens")
         else:
-            prompt = body["prompt"] if isinstance(body["prompt"], list) else tokenize(body["prompt"])
+            prompt = (
+                body["prompt"] if isinstance(body["prompt"], list) else tokenize(body["prompt"])
+            )
             limit = body.get("max_tokens", 16)
         limit = 64 if limit is None else limit
         tokens, texts, finish, stop_reason = self.generate(prompt, limit, body)
         request_id = request.headers.get("x-request-id", f"r{next(_ids)}")
         kv = None
         if (body.get("kv_transfer_params") or {}).get("do_remote_decode"):
-            kv = {"do_remote_prefill": True, "transfer_id": f"t-{request_id}", "remote_host": "127.0.0.1", "control_port": self.port}
+            kv = {
+                "do_remote_prefill": True,
+                "transfer_id": f"t-{request_id}",
+                "remote_host": "127.0.0.1",
+                "control_port": self.port,
+            }
         if body.get("stream"):
             return self.stream(body, chat, request_id, prompt, tokens, texts, finish, stop_reason)
-        return httpx.Response(200, json=self.whole(body, chat, request_id, prompt, tokens, texts, finish, stop_reason, kv))
+        return httpx.Response(
+            200,
+            json=self.whole(body, chat, request_id, prompt, tokens, texts, finish, stop_reason, kv),
+        )
 
     def generate(self, prompt: list[int], limit: int, body: dict[str, Any]):
         context = list(prompt)
@@ -142,14 +172,28 @@ class FakeVLLM:
         if chat:
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": "".join(texts), "reasoning": None, "tool_calls": []},
+                "message": {
+                    "role": "assistant",
+                    "content": "".join(texts),
+                    "reasoning": None,
+                    "tool_calls": [],
+                },
                 "logprobs": None,
                 "finish_reason": finish,
                 "stop_reason": stop_reason,
                 "token_ids": tokens if want_ids else None,
             }
-            return {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": 1000, "model": "m", "choices": [choice],
-                    "system_fingerprint": "fp", "usage": usage, "prompt_token_ids": prompt if want_ids else None, "kv_transfer_params": kv}
+            return {
+                "id": f"chatcmpl-{request_id}",
+                "object": "chat.completion",
+                "created": 1000,
+                "model": "m",
+                "choices": [choice],
+                "system_fingerprint": "fp",
+                "usage": usage,
+                "prompt_token_ids": prompt if want_ids else None,
+                "kv_transfer_params": kv,
+            }
         choice = {
             "index": 0,
             "text": "".join(texts),
@@ -159,22 +203,55 @@ class FakeVLLM:
             "token_ids": tokens if want_ids else None,
             "prompt_token_ids": prompt if want_ids else None,
         }
-        return {"id": f"cmpl-{request_id}", "object": "text_completion", "created": 1000, "model": "m", "choices": [choice],
-                "system_fingerprint": "fp", "usage": usage, "kv_transfer_params": kv}
+        return {
+            "id": f"cmpl-{request_id}",
+            "object": "text_completion",
+            "created": 1000,
+            "model": "m",
+            "choices": [choice],
+            "system_fingerprint": "fp",
+            "usage": usage,
+            "kv_transfer_params": kv,
+        }
 
     def stream(self, body, chat, request_id, prompt, tokens, texts, finish, stop_reason):
         events = []
         include_usage = (body.get("stream_options") or {}).get("include_usage")
-        continuous = include_usage and (body.get("stream_options") or {}).get("continuous_usage_stats")
+        continuous = include_usage and (body.get("stream_options") or {}).get(
+            "continuous_usage_stats"
+        )
         want_ids = bool(body.get("return_token_ids"))
-        base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}", "object": "chat.completion.chunk" if chat else "text_completion", "created": 1001, "model": "m"}
+        base = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": 1001,
+            "model": "m",
+        }
         if chat:
-            events.append({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
+            events.append(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
         offset = 0
         for i, (t, text) in enumerate(zip(tokens, texts)):
             last = i == len(tokens) - 1
             if chat:
-                choice = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish if last else None, "token_ids": [t] if want_ids else None}
+                choice = {
+                    "index": 0,
+                    "delta": {"content": text},
+                    "logprobs": None,
+                    "finish_reason": finish if last else None,
+                    "token_ids": [t] if want_ids else None,
+                }
                 if last:
                     choice["stop_reason"] = stop_reason
             else:
@@ -182,14 +259,39 @@ class FakeVLLM:
                 if body.get("logprobs") is not None:
                     lp = self._logprobs([t], [text], offset)
                     offset += len(token_text(t))
-                choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish if last else None, "stop_reason": stop_reason if last else None,
-                          "prompt_token_ids": prompt if (want_ids and i == 0) else None, "token_ids": [t] if want_ids else None}
+                choice = {
+                    "index": 0,
+                    "text": text,
+                    "logprobs": lp,
+                    "finish_reason": finish if last else None,
+                    "stop_reason": stop_reason if last else None,
+                    "prompt_token_ids": prompt if (want_ids and i == 0) else None,
+                    "token_ids": [t] if want_ids else None,
+                }
             chunk = {**base, "choices": [choice]}
             if continuous:
-                chunk["usage"] = {"prompt_tokens": len(prompt), "total_tokens": len(prompt) + i + 1, "completion_tokens": i + 1}
+                chunk["usage"] = {
+                    "prompt_tokens": len(prompt),
+                    "total_tokens": len(prompt) + i + 1,
+                    "completion_tokens": i + 1,
+                }
             events.append(chunk)
         if include_usage:
-            events.append({**base, "choices": [], "usage": {"prompt_tokens": len(prompt), "total_tokens": len(prompt) + len(tokens),
-                                                              "completion_tokens": len(tokens), "prompt_tokens_details": {"cached_tokens": 0}}, "system_fingerprint": "fp"})
-        payload = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+            events.append(
+                {
+                    **base,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": len(prompt),
+                        "total_tokens": len(prompt) + len(tokens),
+                        "completion_tokens": len(tokens),
+                        "prompt_tokens_details": {"cached_tokens": 0},
+                    },
+                    "system_fingerprint": "fp",
+                }
+            )
+        payload = (
+            b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+            + b"data: [DONE]\n\n"
+        )
         return httpx.Response(200, content=payload, headers={"content-type": "text/event-stream"})

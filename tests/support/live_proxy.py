@@ -18,8 +18,16 @@ from proxy.settings import Settings
 @contextlib.contextmanager
 def live_proxy(prefill: list[str], decode: list[str], **overrides) -> Iterator[str]:
     port = free_port()
-    settings = Settings(prefill_urls=prefill, decode_urls=decode, host="127.0.0.1", port=port, **overrides)
-    config = uvicorn.Config(create_app(settings, monitor=False), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    settings = Settings(
+        prefill_urls=prefill, decode_urls=decode, host="127.0.0.1", port=port, **overrides
+    )
+    config = uvicorn.Config(
+        create_app(settings, monitor=False),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -37,7 +37,9 @@ class Harness:
 
     async def reference(self, path: str, body: dict[str, Any]) -> httpx.Response:
         """What one colocated server answers to the client's own request."""
-        request = httpx.Request("POST", "http://ref" + path, json=body, headers={"x-request-id": "ref"})
+        request = httpx.Request(
+            "POST", "http://ref" + path, json=body, headers={"x-request-id": "ref"}
+        )
         return self.ref.handler(request)
 
     @property
@@ -46,7 +48,9 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def harness(prefill=("p1",), decode=("d1",), tracing=None, **overrides: Any) -> AsyncIterator[Harness]:
+async def harness(
+    prefill=("p1",), decode=("d1",), tracing=None, **overrides: Any
+) -> AsyncIterator[Harness]:
     names = list(dict.fromkeys([*prefill, *decode]))
     backends = {name: FakeVLLM(name) for name in names}
     servers = {name: await FakeServer(name, backends[name].handler).start() for name in names}
@@ -60,8 +64,12 @@ async def harness(prefill=("p1",), decode=("d1",), tracing=None, **overrides: An
     app = create_app(settings, monitor=False, tracing=tracing)
     try:
         async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pdproxy") as client:
-                yield Harness(client=client, app=app, backends=backends, servers=servers, ref=FakeVLLM("ref"))
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://pdproxy"
+            ) as client:
+                yield Harness(
+                    client=client, app=app, backends=backends, servers=servers, ref=FakeVLLM("ref")
+                )
     finally:
         for server in servers.values():
             await server.stop()

@@ -12,5 +12,7 @@ def test_proxy_imports_without_torch_or_vllm():
         "from proxy.settings import Settings\n"
         "proxy.front.app.create_app(Settings(prefill_urls=['http://a:1'], decode_urls=['http://b:2']))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr

@@ -6,8 +6,6 @@ real prefill request through the connector, so a renamed key on either side fail
 
 from __future__ import annotations
 
-import dataclasses
-
 from engine_ext import params as connector_params
 from proxy.serve.held_kv import HeldKV
 from proxy.serve.kv_params import release_target
@@ -20,9 +18,11 @@ def held_answer(consumers: int = 1):
     """P's connector answering the proxy's real prefill request."""
     plan = plan_request(COMPLETIONS, {"model": "m", "prompt": "hello", "n": consumers})
     asked = prefill_body(plan, consumers=consumers)["kv_transfer_params"]
-    sched = make_scheduler()  # no control server started; its port is only advertised
-    sched.settings = dataclasses.replace(sched.settings, control_port=5599)
-    hold, answer = sched.request_finished(request("p1", asked, prompt_len=10), [5, 6, 7])
+    sched = make_scheduler(control_port=0)  # its control plane on a free port
+    try:
+        hold, answer = sched.request_finished(request("p1", asked, prompt_len=10), [5, 6, 7])
+    finally:
+        sched.shutdown()
     return sched, hold, answer
 
 
@@ -37,7 +37,11 @@ def test_the_connector_holds_what_the_proxy_asks_for():
 def test_the_proxy_finds_where_to_release_the_connectors_transfer():
     sched, _, answer = held_answer()
     target = release_target(answer)
-    assert target == (f"http://{sched.host}:5599", answer[connector_params.TRANSFER_ID])
+    assert sched.control_port > 0
+    assert target == (
+        f"http://{sched.host}:{sched.control_port}",
+        answer[connector_params.TRANSFER_ID],
+    )
     posted = []
     held = HeldKV(answer, lambda url, tid: posted.append((url, tid)))
     held.release()

@@ -26,11 +26,38 @@ def test_lists_from_commas(monkeypatch):
     "env, variable",
     [
         ({"PDPROXY_DECODE_URLS": "http://c:3"}, "PDPROXY_PREFILL_URLS"),
-        ({"PDPROXY_PREFILL_URLS": "http://a:1/v1", "PDPROXY_DECODE_URLS": "http://c:3"}, "PDPROXY_PREFILL_URLS"),
-        ({"PDPROXY_PREFILL_URLS": "a:1", "PDPROXY_DECODE_URLS": "http://c:3"}, "PDPROXY_PREFILL_URLS"),
-        ({"PDPROXY_PREFILL_URLS": "http://a:1", "PDPROXY_DECODE_URLS": "http://c:3", "PDPROXY_PORT": "0"}, "PDPROXY_PORT"),
-        ({"PDPROXY_PREFILL_URLS": "http://a:1", "PDPROXY_DECODE_URLS": "http://c:3", "PDPROXY_DECODE_POLICY": "random"}, "PDPROXY_DECODE_POLICY"),
-        ({"PDPROXY_PREFILL_URLS": "http://a:1", "PDPROXY_DECODE_URLS": "http://c:3", "PDPROXY_IDLE_TIMEOUT": "-1"}, "PDPROXY_IDLE_TIMEOUT"),
+        (
+            {"PDPROXY_PREFILL_URLS": "http://a:1/v1", "PDPROXY_DECODE_URLS": "http://c:3"},
+            "PDPROXY_PREFILL_URLS",
+        ),
+        (
+            {"PDPROXY_PREFILL_URLS": "a:1", "PDPROXY_DECODE_URLS": "http://c:3"},
+            "PDPROXY_PREFILL_URLS",
+        ),
+        (
+            {
+                "PDPROXY_PREFILL_URLS": "http://a:1",
+                "PDPROXY_DECODE_URLS": "http://c:3",
+                "PDPROXY_PORT": "0",
+            },
+            "PDPROXY_PORT",
+        ),
+        (
+            {
+                "PDPROXY_PREFILL_URLS": "http://a:1",
+                "PDPROXY_DECODE_URLS": "http://c:3",
+                "PDPROXY_DECODE_POLICY": "random",
+            },
+            "PDPROXY_DECODE_POLICY",
+        ),
+        (
+            {
+                "PDPROXY_PREFILL_URLS": "http://a:1",
+                "PDPROXY_DECODE_URLS": "http://c:3",
+                "PDPROXY_IDLE_TIMEOUT": "-1",
+            },
+            "PDPROXY_IDLE_TIMEOUT",
+        ),
     ],
 )
 def test_bad_settings_name_the_variable(monkeypatch, env, variable):
@@ -47,7 +74,14 @@ def test_bad_settings_name_the_variable(monkeypatch, env, variable):
 def test_startup_refuses_bad_config_with_exit_2():
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDPROXY_")}
     env["PDPROXY_DECODE_URLS"] = "http://c:3"
-    result = subprocess.run([sys.executable, "-m", "proxy"], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     assert "PDPROXY_PREFILL_URLS" in result.stderr
 
@@ -55,7 +89,9 @@ def test_startup_refuses_bad_config_with_exit_2():
 def test_readme_table_and_env_file_are_generated():
     readme = (ROOT / "README.md").read_text()
     assert readme_with_table(readme) == readme, "run: python -m proxy.settings write"
-    assert (ROOT / "config" / "pdproxy.env").read_text() == env_file(), "run: python -m proxy.settings write"
+    assert (ROOT / "config" / "pdproxy.env").read_text() == env_file(), (
+        "run: python -m proxy.settings write"
+    )
     for name in Settings.model_fields:
         assert f"PDPROXY_{name.upper()}" in readme
 

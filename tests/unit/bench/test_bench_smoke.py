@@ -1,6 +1,6 @@
 """The benchmark tooling still works: fake engine + load generator against the real proxy app.
 
-In-process and fast (a few seconds): two ``bench.fake_engine.FakeEngine`` instances on the
+In-process and fast (a few seconds): two ``bench.fake.FakeEngine`` instances on the
 test's loop, the proxy app served by uvicorn on a free port, ``bench.loadgen`` in proxy
 and direct-pd modes. Also covers the fake's fault modes, which the proxy's tests use.
 """
@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 
 from bench import loadgen
-from bench.fake_engine import FakeEngine, chat_prompt_ids, generate, token_text
+from bench.fake import FakeEngine, chat_prompt_ids, generate, token_text
 from proxy.front.app import create_app
 from proxy.settings import Settings
 
@@ -35,7 +35,9 @@ def _free_port() -> int:
 async def served_proxy(p_url: str, d_url: str) -> AsyncIterator[str]:
     settings = Settings(prefill_urls=[p_url], decode_urls=[d_url], log_level="warning")
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
     task = asyncio.create_task(server.serve())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -77,9 +79,18 @@ async def test_loadgen_through_proxy_and_direct(endpoint: str) -> None:
     ):
         p.reset_stats()
         d.reset_stats()
-        common: dict = {"endpoint": endpoint, "concurrency": 3, "requests": 6, "tokens": TOKENS, "keep_events": True, "ramp": 0}
+        common: dict = {
+            "endpoint": endpoint,
+            "concurrency": 3,
+            "requests": 6,
+            "tokens": TOKENS,
+            "keep_events": True,
+            "ramp": 0,
+        }
         via_proxy = await loadgen.run(loadgen.LoadSpec(url=url, **common))
-        direct = await loadgen.run(loadgen.LoadSpec(mode="direct-pd", prefill_url=p.url, decode_url=d.url, **common))
+        direct = await loadgen.run(
+            loadgen.LoadSpec(mode="direct-pd", prefill_url=p.url, decode_url=d.url, **common)
+        )
 
     for result in (via_proxy, direct):
         assert result.errors == 0, result.error_kinds
@@ -89,7 +100,9 @@ async def test_loadgen_through_proxy_and_direct(endpoint: str) -> None:
             assert sample.chunks == TOKENS
             assert sample.completion_tokens == TOKENS
     body = loadgen.request_body(loadgen.LoadSpec(endpoint=endpoint, tokens=TOKENS))
-    prompt = chat_prompt_ids(body["messages"]) if endpoint == "chat" else list(body["prompt"].encode())
+    prompt = (
+        chat_prompt_ids(body["messages"]) if endpoint == "chat" else list(body["prompt"].encode())
+    )
     expected = "".join(token_text(t) for t in generate(prompt, TOKENS))
     assert via_proxy.served_modes == {"stitched": 6}
     for sample in via_proxy.samples:
@@ -134,7 +147,9 @@ async def test_fake_engine_faults() -> None:
         assert asyncio.get_running_loop().time() - started >= 0.15
 
         engine.configure(fault="error", fault_legs=("prefill",))
-        assert (await client.post("/v1/completions", json={**body, "stream": False})).status_code == 200
+        assert (
+            await client.post("/v1/completions", json={**body, "stream": False})
+        ).status_code == 200
         prefill = {**body, "stream": False, "kv_transfer_params": {"do_remote_decode": True}}
         assert (await client.post("/v1/completions", json=prefill)).status_code == 500
 
@@ -153,7 +168,11 @@ def test_fake_engine_in_thread() -> None:
     with FakeEngine(prefill_ms=1, itl_ms=1).in_thread() as engine:
         response = httpx.post(
             engine.url + "/v1/chat/completions",
-            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "return_token_ids": True},
+            json={
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 3,
+                "return_token_ids": True,
+            },
             trust_env=False,
         )
         answer = response.json()

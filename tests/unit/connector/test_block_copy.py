@@ -23,7 +23,9 @@ def layouts(num_blocks: int):
         # (blocks, heads, block_size, 2*dim): CPU and FlashAttention in vLLM 0.26+
         "blocks-first": rand(num_blocks, 2, 4, 16),
         # (blocks, 2, block_size, heads, dim) stored HND: a permuted physical order
-        "permuted": rand(num_blocks, 2, 3, 4, 8).permute(0, 1, 3, 2, 4).contiguous()
+        "permuted": rand(num_blocks, 2, 3, 4, 8)
+        .permute(0, 1, 3, 2, 4)
+        .contiguous()
         .permute(0, 1, 3, 2, 4),
         # (2, blocks, ...): K and V apart, a block is two runs
         "kv-outer": rand(2, num_blocks, 4, 8),

@@ -134,3 +134,12 @@ def test_block_io_handles_permuted_physical_layout():
     io_src.gather([1, 4], buf)
     io_dst.scatter([0, 5], buf)
     assert torch.equal(dst["l"][0], src["l"][1]) and torch.equal(dst["l"][5], src["l"][4])
+
+
+def test_versions_outside_the_tested_ones_are_warned_about():
+    from engine_ext.connector import check_vllm_version
+
+    assert check_vllm_version("0.26.0") is None
+    assert check_vllm_version("0.32.0") is None
+    warning = check_vllm_version("0.33.1")
+    assert "0.33.1" in warning and "0.26" in warning and "untested" in warning

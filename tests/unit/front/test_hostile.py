@@ -18,9 +18,13 @@ COMPLETION = {"model": "m", "prompt": "hello world", "max_tokens": 6, "temperatu
 async def test_api_keys():
     async with harness(api_keys="k1,k2") as h:
         assert (await h.client.post("/v1/completions", json=COMPLETION)).status_code == 401
-        bad = await h.client.post("/v1/completions", json=COMPLETION, headers={"authorization": "Bearer nope"})
+        bad = await h.client.post(
+            "/v1/completions", json=COMPLETION, headers={"authorization": "Bearer nope"}
+        )
         assert bad.status_code == 401 and bad.json()["error"]["type"] == "AuthenticationError"
-        ok = await h.client.post("/v1/completions", json=COMPLETION, headers={"authorization": "Bearer k2"})
+        ok = await h.client.post(
+            "/v1/completions", json=COMPLETION, headers={"authorization": "Bearer k2"}
+        )
         assert ok.status_code == 200
         assert (await h.client.get("/v1/models")).status_code == 401
         # Ops endpoints stay open unless configured otherwise...
@@ -33,12 +37,16 @@ async def test_api_keys():
 async def test_ops_endpoints_can_be_protected():
     async with harness(api_keys="k", protect_ops_endpoints=True) as h:
         assert (await h.client.get("/metrics")).status_code == 401
-        assert (await h.client.get("/metrics", headers={"authorization": "Bearer k"})).status_code == 200
+        assert (
+            await h.client.get("/metrics", headers={"authorization": "Bearer k"})
+        ).status_code == 200
 
 
 async def test_backend_key_is_sent_instead_of_the_clients():
     async with harness(api_keys="client", backend_api_key="backend") as h:
-        await h.client.post("/v1/completions", json=COMPLETION, headers={"authorization": "Bearer client"})
+        await h.client.post(
+            "/v1/completions", json=COMPLETION, headers={"authorization": "Bearer client"}
+        )
         for name in ("p1", "d1"):
             assert h.backends[name].calls[0]["headers"]["authorization"] == "Bearer backend"
 
@@ -54,7 +62,9 @@ async def test_large_bodies_are_413_without_reading_them_whole():
                 yield b"y" * 100
             yield b'"}'
 
-        response = await h.client.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+        response = await h.client.post(
+            "/v1/completions", content=chunked(), headers={"content-type": "application/json"}
+        )
         assert response.status_code == 413
         assert h.backends["p1"].calls == []
 
@@ -80,16 +90,52 @@ async def test_concurrency_limit_is_429_with_retry_after():
 # --- broken backend streams -----------------------------------------------------------
 
 VALID = [
-    {"id": "cmpl-x", "object": "text_completion", "created": 1, "model": "m",
-     "choices": [{"index": 0, "text": "w1 ", "logprobs": None, "finish_reason": None, "stop_reason": None}]},
-    {"id": "cmpl-x", "object": "text_completion", "created": 1, "model": "m",
-     "choices": [{"index": 0, "text": "é", "logprobs": None, "finish_reason": "length", "stop_reason": None}]},
-    {"id": "cmpl-x", "object": "text_completion", "created": 1, "model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}},
+    {
+        "id": "cmpl-x",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "text": "w1 ",
+                "logprobs": None,
+                "finish_reason": None,
+                "stop_reason": None,
+            }
+        ],
+    },
+    {
+        "id": "cmpl-x",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "text": "é",
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+            }
+        ],
+    },
+    {
+        "id": "cmpl-x",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m",
+        "choices": [],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    },
 ]
 PIECES = st.one_of(
     st.sampled_from([b"data: " + json.dumps(v).encode() + b"\n\n" for v in VALID]),
     st.just(b"data: [DONE]\n\n"),
-    st.just(b'data: {"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}\n\n'),
+    st.just(
+        b'data: {"error": {"message": "engine died", "type": "InternalServerError", '
+        b'"code": 500}}\n\n'
+    ),
     st.just(b"data: {not json\n\n"),
     st.just(b"data: \xc3\n\n"),  # half a UTF-8 character
     st.just(b": keep-alive\n\n"),
@@ -98,8 +144,14 @@ PIECES = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(PIECES, max_size=8), st.data(), st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(PIECES, max_size=8),
+    st.data(),
+    st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+)
 def test_any_decode_stream_becomes_a_clean_client_stream(pieces, data, path):
     stream = b"".join(pieces)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
@@ -113,8 +165,19 @@ def test_any_decode_stream_becomes_a_clean_client_stream(pieces, data, path):
 
 async def _check_stream(path, parts):
     async with harness() as h:
-        h.backends["d1"].override = lambda request: httpx.Response(200, content=iter(parts), headers={"content-type": "text/event-stream"})
-        body = {**COMPLETION, "stream": True} if "chat" not in path else {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True}
+        h.backends["d1"].override = lambda request: httpx.Response(
+            200, content=iter(parts), headers={"content-type": "text/event-stream"}
+        )
+        body = (
+            {**COMPLETION, "stream": True}
+            if "chat" not in path
+            else {
+                "model": "m",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 6,
+                "stream": True,
+            }
+        )
         for extra in ({}, {"n": 2, "temperature": 0.5}):  # stitched and decode mode
             response = await asyncio.wait_for(h.client.post(path, json={**body, **extra}), 10)
             assert response.status_code == 200

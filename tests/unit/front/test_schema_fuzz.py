@@ -16,23 +16,40 @@ from hypothesis import strategies as st
 
 from proxy.front.app import create_app
 from proxy.settings import Settings
-
 from tests.support.fakeserver import FakeServer
 
 SCHEMA = schemathesis.openapi.from_asgi(
-    "/openapi.json", create_app(Settings(prefill_urls=["http://p"], decode_urls=["http://d"]), monitor=False)
+    "/openapi.json",
+    create_app(Settings(prefill_urls=["http://p"], decode_urls=["http://d"]), monitor=False),
 )
 
 P_ANSWER = {
-    "id": "cmpl-x", "object": "text_completion", "created": 1, "model": "m",
-    "choices": [{"index": 0, "text": " a", "logprobs": None, "finish_reason": "length", "stop_reason": None,
-                 "token_ids": [5], "prompt_token_ids": [1, 2], "message": {"role": "assistant", "content": " a"}}],
-    "usage": {"prompt_tokens": 2, "total_tokens": 3, "completion_tokens": 1}, "prompt_token_ids": [1, 2],
+    "id": "cmpl-x",
+    "object": "text_completion",
+    "created": 1,
+    "model": "m",
+    "choices": [
+        {
+            "index": 0,
+            "text": " a",
+            "logprobs": None,
+            "finish_reason": "length",
+            "stop_reason": None,
+            "token_ids": [5],
+            "prompt_token_ids": [1, 2],
+            "message": {"role": "assistant", "content": " a"},
+        }
+    ],
+    "usage": {"prompt_tokens": 2, "total_tokens": 3, "completion_tokens": 1},
+    "prompt_token_ids": [1, 2],
     "kv_transfer_params": {"do_remote_prefill": True, "transfer_id": "t"},
 }
 D_STREAM = (
-    b'data: {"id":"cmpl-x","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":" b","logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
-    b'data: {"id":"cmpl-x","object":"text_completion","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":3,"total_tokens":4,"completion_tokens":1}}\n\n'
+    b'data: {"id":"cmpl-x","object":"text_completion","created":1,"model":"m",'
+    b'"choices":[{"index":0,"text":" b","logprobs":null,"finish_reason":"length",'
+    b'"stop_reason":null}]}\n\n'
+    b'data: {"id":"cmpl-x","object":"text_completion","created":1,"model":"m","choices":[],'
+    b'"usage":{"prompt_tokens":3,"total_tokens":4,"completion_tokens":1}}\n\n'
     b"data: [DONE]\n\n"
 )
 D_ANSWER = {**P_ANSWER, "kv_transfer_params": None}
@@ -57,9 +74,17 @@ def test_no_input_gets_a_5xx(path):
         app = create_app(Settings(prefill_urls=[p.url], decode_urls=[d.url]), monitor=False)
         try:
             async with app.router.lifespan_context(app):
-                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pdproxy") as client:
+                async with httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app), base_url="http://pdproxy"
+                ) as client:
                     content = None if "json" in kwargs else kwargs.get("content")
-                    request = client.request(kwargs["method"], path, headers=kwargs.get("headers"), json=kwargs.get("json"), content=content)
+                    request = client.request(
+                        kwargs["method"],
+                        path,
+                        headers=kwargs.get("headers"),
+                        json=kwargs.get("json"),
+                        content=content,
+                    )
                     return await asyncio.wait_for(request, 10)
         finally:
             await p.stop()

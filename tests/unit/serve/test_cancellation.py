@@ -11,8 +11,7 @@ import time
 import httpx
 import pytest
 
-from bench.fake_engine import FakeEngine
-
+from bench.fake import FakeEngine
 from tests.support.live_proxy import live_proxy, wait_for
 
 COMPLETION = {"model": "fake", "prompt": "hello there", "max_tokens": 40, "temperature": 0}
@@ -20,7 +19,10 @@ COMPLETION = {"model": "fake", "prompt": "hello there", "max_tokens": 40, "tempe
 
 @pytest.fixture
 def engines():
-    with FakeEngine(prefill_ms=5, itl_ms=5, kv_lease_s=60).in_thread() as p, FakeEngine(itl_ms=5).in_thread() as d:
+    with (
+        FakeEngine(prefill_ms=5, itl_ms=5, kv_lease_s=60).in_thread() as p,
+        FakeEngine(itl_ms=5).in_thread() as d,
+    ):
         yield p, d
 
 
@@ -45,7 +47,9 @@ def test_disconnect_between_prefill_and_decode_releases_the_kv(engines, stream):
                 lines = response.iter_lines()  # kept: dropping it closes the connection
                 first = next(lines)  # P's token, stitched
                 assert json.loads(first[6:])["choices"][0]["text"]
-                assert wait_for(lambda: d.stats()["requests"] == 1), d.stats()  # D has it, and is slow
+                assert wait_for(lambda: d.stats()["requests"] == 1), (
+                    d.stats()
+                )  # D has it, and is slow
         else:
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(url + "/v1/completions", json=body, timeout=0.5)
@@ -60,7 +64,9 @@ def test_disconnect_during_the_decode_stream(engines):
     p, d = engines
     d.configure(itl_ms=50)
     with live_proxy([p.url], [d.url]) as url:
-        with httpx.stream("POST", url + "/v1/completions", json=dict(COMPLETION, stream=True), timeout=10) as response:
+        with httpx.stream(
+            "POST", url + "/v1/completions", json=dict(COMPLETION, stream=True), timeout=10
+        ) as response:
             lines = response.iter_lines()
             for _ in range(3):
                 next(lines)
@@ -86,10 +92,14 @@ def test_first_byte_timeout_then_another_decode(engines):
     d.configure(fault="hang")
     with FakeEngine(itl_ms=5).in_thread() as d2:
         d2_url = d2.url
-        with live_proxy([p.url], [d.url, d2_url], first_byte_timeout=0.5, decode_policy="least_load") as url:
+        with live_proxy(
+            [p.url], [d.url, d2_url], first_byte_timeout=0.5, decode_policy="least_load"
+        ) as url:
             answered = 0
             for _ in range(3):
-                response = httpx.post(url + "/v1/completions", json=dict(COMPLETION, stream=True), timeout=10)
+                response = httpx.post(
+                    url + "/v1/completions", json=dict(COMPLETION, stream=True), timeout=10
+                )
                 assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
                 answered += "error" not in response.text
             assert answered == 3
@@ -100,7 +110,9 @@ def test_decode_going_silent_ends_the_stream_with_an_error(engines):
     p, d = engines
     d.configure(fault="close", close_after_chunks=2)
     with live_proxy([p.url], [d.url]) as url:
-        response = httpx.post(url + "/v1/completions", json=dict(COMPLETION, stream=True), timeout=10)
+        response = httpx.post(
+            url + "/v1/completions", json=dict(COMPLETION, stream=True), timeout=10
+        )
         events = [e for e in response.text.split("\n\n") if e]
         assert events[-1] == "data: [DONE]"
         assert "error" in json.loads(events[-2][6:])
@@ -111,7 +123,9 @@ def test_idle_timeout_mid_stream(engines):
     d.configure(itl_ms=2000)
     with live_proxy([p.url], [d.url], idle_timeout=0.3) as url:
         started = time.monotonic()
-        response = httpx.post(url + "/v1/completions", json=dict(COMPLETION, stream=True), timeout=10)
+        response = httpx.post(
+            url + "/v1/completions", json=dict(COMPLETION, stream=True), timeout=10
+        )
         assert time.monotonic() - started < 5
         events = [e for e in response.text.split("\n\n") if e]
         assert "went silent" in json.loads(events[-2][6:])["error"]["message"]

@@ -7,16 +7,25 @@ import httpx
 import pytest
 
 from tests.support.compare import summarize_response, summarize_stream
-
 from tests.support.proxy_harness import harness
 
 COMPLETION = {"model": "m", "prompt": "hello world", "max_tokens": 6, "temperature": 0}
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, "temperature": 0}
+CHAT = {
+    "model": "m",
+    "messages": [{"role": "user", "content": "hello"}],
+    "max_tokens": 6,
+    "temperature": 0,
+}
 
 
 def summary(response: httpx.Response):
     if response.headers.get("content-type", "").startswith("text/event-stream"):
-        return summarize_stream(response.text.splitlines(), response.status_code, response.headers["content-type"], dict(response.headers))
+        return summarize_stream(
+            response.text.splitlines(),
+            response.status_code,
+            response.headers["content-type"],
+            dict(response.headers),
+        )
     return summarize_response(response)
 
 
@@ -28,7 +37,9 @@ async def compare(h, path, body, *, cached=True):
     return got, g
 
 
-@pytest.mark.parametrize("path, base", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+@pytest.mark.parametrize(
+    "path, base", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)]
+)
 @pytest.mark.parametrize("stream", [False, True])
 async def test_stitched_equals_colocated(path, base, stream):
     async with harness() as h:
@@ -40,7 +51,10 @@ async def test_stitched_equals_colocated(path, base, stream):
         assert len(s.ids) == 1
         # The legs: P got one token and the KV hold; D continued after P's token.
         p_call, d_call = h.backends["p1"].calls[0], h.backends["d1"].calls[0]
-        assert p_call["body"]["max_tokens"] == 1 and p_call["body"]["kv_transfer_params"]["do_remote_decode"]
+        assert (
+            p_call["body"]["max_tokens"] == 1
+            and p_call["body"]["kv_transfer_params"]["do_remote_decode"]
+        )
         assert d_call["path"] == "/v1/completions" and d_call["body"]["max_tokens"] == 5
         assert d_call["body"]["kv_transfer_params"]["transfer_id"].startswith("t-")
         assert s.usage["prompt_tokens_details"] == {"cached_tokens": 7}  # P's, not D's
@@ -59,9 +73,17 @@ async def test_stream_without_usage_has_no_usage_chunk():
 
 async def test_continuous_usage_counts_p_token_once():
     async with harness() as h:
-        body = dict(COMPLETION, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+        body = dict(
+            COMPLETION,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
         response = await h.client.post("/v1/completions", json=body)
-        usages = [json.loads(line[6:])["usage"] for line in response.text.splitlines() if line.startswith("data: {")]
+        usages = [
+            json.loads(line[6:])["usage"]
+            for line in response.text.splitlines()
+            if line.startswith("data: {")
+        ]
         completion = [u["completion_tokens"] for u in usages if u]
         assert completion == [1, 2, 3, 4, 5, 6, 6]
         assert all(u["prompt_tokens"] == usages[0]["prompt_tokens"] for u in usages)
@@ -87,7 +109,9 @@ async def test_token_ids_returned_when_asked():
 async def test_max_tokens_one_never_calls_decode():
     async with harness() as h:
         for stream in (False, True):
-            response, _ = await compare(h, "/v1/completions", dict(COMPLETION, max_tokens=1, stream=stream))
+            response, _ = await compare(
+                h, "/v1/completions", dict(COMPLETION, max_tokens=1, stream=stream)
+            )
             assert response.headers["x-pdproxy-mode"] == "prefill"
         assert h.backends["d1"].calls == []
         # Nobody will pull P's KV: the proxy released it.
@@ -97,7 +121,9 @@ async def test_max_tokens_one_never_calls_decode():
 
 async def test_eos_from_prefill_ends_the_request():
     async with harness() as h:
-        h.backends["p1"].eos_at = h.ref.eos_at = 11  # "hello world" is 11 prompt tokens: EOS comes first
+        h.backends["p1"].eos_at = h.ref.eos_at = (
+            11  # "hello world" is 11 prompt tokens: EOS comes first
+        )
         response, s = await compare(h, "/v1/completions", COMPLETION)
         assert s.finish[0] == "stop" and response.headers["x-pdproxy-mode"] == "prefill"
         assert h.backends["d1"].calls == []
@@ -105,17 +131,25 @@ async def test_eos_from_prefill_ends_the_request():
 
 async def test_stop_string_inside_decode_text():
     async with harness() as h:
-        stop_at = h.ref.handler(httpx.Request("POST", "http://ref/v1/completions", json=COMPLETION)).json()["choices"][0]["text"].split()[3]
+        stop_at = (
+            h.ref.handler(httpx.Request("POST", "http://ref/v1/completions", json=COMPLETION))
+            .json()["choices"][0]["text"]
+            .split()[3]
+        )
         _, s = await compare(h, "/v1/completions", dict(COMPLETION, stop=[stop_at]))
         assert s.finish[0] == "stop" and s.stop_reason[0] == stop_at
 
 
 async def test_stop_string_across_the_seam_falls_back_to_decode_mode():
     async with harness() as h:
-        full = h.ref.handler(httpx.Request("POST", "http://ref/v1/completions", json=COMPLETION)).json()["choices"][0]["text"]
+        full = h.ref.handler(
+            httpx.Request("POST", "http://ref/v1/completions", json=COMPLETION)
+        ).json()["choices"][0]["text"]
         first = full.split(" ")[0] + " "
-        straddling = first[-2:] + full[len(first):len(first) + 2]
-        response, s = await compare(h, "/v1/completions", dict(COMPLETION, stop=[straddling], stream=True))
+        straddling = first[-2:] + full[len(first) : len(first) + 2]
+        response, s = await compare(
+            h, "/v1/completions", dict(COMPLETION, stop=[straddling], stream=True)
+        )
         assert response.headers["x-pdproxy-mode"] == "decode"
         assert response.headers["x-pdproxy-fallback"] == "stop string across the seam"
         assert s.stop_reason[0] == straddling
@@ -134,7 +168,10 @@ async def test_decode_mode_for_unstitchable_requests(extra, reason):
         body = dict(COMPLETION, **extra)
         response = await h.client.post("/v1/completions", json=body)
         assert response.status_code == 200
-        assert response.headers["x-pdproxy-mode"] == "decode" and response.headers["x-pdproxy-fallback"] == reason
+        assert (
+            response.headers["x-pdproxy-mode"] == "decode"
+            and response.headers["x-pdproxy-fallback"] == reason
+        )
         d_body = h.backends["d1"].calls[0]["body"]
         assert d_body["prompt"] == "hello world" and d_body["kv_transfer_params"]["transfer_id"]
         if extra.get("n"):
@@ -144,7 +181,10 @@ async def test_decode_mode_for_unstitchable_requests(extra, reason):
 async def test_colocated_requests_skip_prefill():
     async with harness() as h:
         response = await h.client.post("/v1/completions", json=dict(COMPLETION, echo=True))
-        assert response.headers["x-pdproxy-mode"] == "colocated" and response.headers["x-pdproxy-fallback"] == "echo"
+        assert (
+            response.headers["x-pdproxy-mode"] == "colocated"
+            and response.headers["x-pdproxy-fallback"] == "echo"
+        )
         assert h.backends["p1"].calls == [] and len(h.backends["d1"].calls) == 1
 
 
@@ -157,7 +197,14 @@ async def test_short_prompts_skip_prefill():
 
 async def test_request_id_is_honoured_and_sent_to_both_legs():
     async with harness() as h:
-        response = await h.client.post("/v1/completions", json=COMPLETION, headers={"x-request-id": "abc-123", "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+        response = await h.client.post(
+            "/v1/completions",
+            json=COMPLETION,
+            headers={
+                "x-request-id": "abc-123",
+                "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            },
+        )
         assert response.headers["x-request-id"] == "abc-123"
         for name in ("p1", "d1"):
             headers = h.backends[name].calls[0]["headers"]
@@ -169,7 +216,9 @@ async def test_request_id_is_honoured_and_sent_to_both_legs():
 
 async def test_bad_json_is_400_before_any_backend():
     async with harness() as h:
-        response = await h.client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        response = await h.client.post(
+            "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+        )
         assert response.status_code == 400 and response.json()["error"]["type"] == "BadRequestError"
         response = await h.client.post("/v1/completions", json=dict(COMPLETION, max_tokens="many"))
         assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
@@ -220,7 +269,7 @@ async def test_decode_failing_mid_stream_ends_with_error_event_and_done():
         h.backends["d1"].fail_status = 500
         response = await h.client.post("/v1/completions", json=dict(COMPLETION, stream=True))
         assert response.status_code == 200  # P's token was already sent
-        lines = [l for l in response.text.splitlines() if l.startswith("data: ")]
+        lines = [line for line in response.text.splitlines() if line.startswith("data: ")]
         assert json.loads(lines[0][6:])["choices"][0]["text"]
         assert "error" in json.loads(lines[-2][6:])
         assert lines[-1] == "data: [DONE]"
@@ -237,7 +286,9 @@ async def test_unreachable_backend_is_502():
 
 async def test_models_and_other_routes_pass_through():
     async with harness() as h:
-        h.backends["d1"].routes["/tokenize"] = lambda request: httpx.Response(200, json={"tokens": [1, 2], "count": 2})
+        h.backends["d1"].routes["/tokenize"] = lambda request: httpx.Response(
+            200, json={"tokens": [1, 2], "count": 2}
+        )
         models = await h.client.get("/v1/models")
         assert models.json()["data"][0]["id"] == "m"
         tokens = await h.client.post("/tokenize", json={"model": "m", "prompt": "hi"})

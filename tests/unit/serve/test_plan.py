@@ -12,7 +12,11 @@ from proxy.serve.vocabulary import CHAT, COMPLETIONS
 
 
 def plan(kind=COMPLETIONS, **body):
-    base = {"model": "m", "prompt": "hello"} if kind == COMPLETIONS else {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    base = (
+        {"model": "m", "prompt": "hello"}
+        if kind == COMPLETIONS
+        else {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    )
     return plan_request(kind, {**base, **body})
 
 
@@ -79,8 +83,13 @@ def test_features_that_block_stitching(body, blocker):
 
 
 def test_chat_only_blockers():
-    assert "tools" in plan(kind=CHAT, tools=[{"type": "function", "function": {"name": "f"}}]).stitch_blockers
-    assert plan(kind=CHAT, tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="none").stitchable
+    assert (
+        "tools"
+        in plan(kind=CHAT, tools=[{"type": "function", "function": {"name": "f"}}]).stitch_blockers
+    )
+    assert plan(
+        kind=CHAT, tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="none"
+    ).stitchable
     assert "chat logprobs" in plan(kind=CHAT, logprobs=True).stitch_blockers
     image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
     assert "multimodal input" in plan_request(CHAT, {"messages": [image]}).stitch_blockers
@@ -109,12 +118,22 @@ def test_single_item_prompt_lists_are_disaggregated():
 def test_max_tokens_limit():
     with pytest.raises(ProxyError):
         plan_request(COMPLETIONS, {"prompt": "x", "max_tokens": 100}, max_tokens_limit=50)
-    capped = plan_request(CHAT, {"messages": [{"role": "user", "content": "x"}]}, max_tokens_limit=50)
+    capped = plan_request(
+        CHAT, {"messages": [{"role": "user", "content": "x"}]}, max_tokens_limit=50
+    )
     assert capped.max_tokens == 50 and capped.body["max_completion_tokens"] == 50
 
 
 def test_prefill_body():
-    p = plan(kind=CHAT, stream=True, stream_options={"include_usage": True}, n=3, temperature=0.9, min_tokens=4, max_tokens=10)
+    p = plan(
+        kind=CHAT,
+        stream=True,
+        stream_options={"include_usage": True},
+        n=3,
+        temperature=0.9,
+        min_tokens=4,
+        max_tokens=10,
+    )
     body = prefill_body(p, consumers=3)
     assert body["max_tokens"] == 1 and body["max_completion_tokens"] == 1
     assert body["stream"] is False and "stream_options" not in body
@@ -133,12 +152,24 @@ def test_decode_body_keeps_the_request_and_asks_for_usage():
 
 
 def test_stitched_body_continues_after_the_first_token():
-    p = plan(kind=CHAT, max_tokens=10, min_tokens=3, stop=["\n"], top_k=5, chat_template_kwargs={"a": 1}, unknown_knob=True)
+    p = plan(
+        kind=CHAT,
+        max_tokens=10,
+        min_tokens=3,
+        stop=["\n"],
+        top_k=5,
+        chat_template_kwargs={"a": 1},
+        unknown_knob=True,
+    )
     body = stitched_body(p, "m", [1, 2, 3], 42, {"transfer_id": "t"})
     assert body["prompt"] == [1, 2, 3, 42]
     assert body["max_tokens"] == 9 and body["min_tokens"] == 2
     assert body["stop"] == ["\n"] and body["top_k"] == 5 and body["unknown_knob"] is True
-    assert "messages" not in body and "chat_template_kwargs" not in body and "max_completion_tokens" not in body
+    assert (
+        "messages" not in body
+        and "chat_template_kwargs" not in body
+        and "max_completion_tokens" not in body
+    )
     unlimited = stitched_body(plan(kind=CHAT), "m", [1], 2, None)
     assert "max_tokens" not in unlimited and "kv_transfer_params" not in unlimited
 

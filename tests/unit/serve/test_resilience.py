@@ -5,7 +5,6 @@ import respx
 from proxy.fleet.backends import Instance, Registry
 from proxy.fleet.health import HealthMonitor, parse_load, record_failure
 from proxy.settings import Settings
-
 from tests.support.proxy_harness import harness
 
 COMPLETION = {"model": "m", "prompt": "hello world", "max_tokens": 4, "temperature": 0}
@@ -32,7 +31,10 @@ async def test_no_decode_runs_colocated_on_a_prefill_instance():
     async with harness() as h:
         down(h, "decode")
         response = await h.client.post("/v1/completions", json=dict(COMPLETION, stream=True))
-        assert response.status_code == 200 and response.headers["x-pdproxy-fallback"] == "no decode instance"
+        assert (
+            response.status_code == 200
+            and response.headers["x-pdproxy-fallback"] == "no decode instance"
+        )
         assert h.backends["d1"].calls == [] and h.backends["p1"].calls[0]["body"]["max_tokens"] == 4
         assert response.text.endswith("data: [DONE]\n\n")
 
@@ -57,7 +59,12 @@ async def test_every_instance_dead_is_a_bounded_error_not_a_hang():
 
 
 async def test_failures_eject_and_4xx_never_does():
-    settings = Settings(prefill_urls=["http://p"], decode_urls=["http://d"], eject_after_failures=2, eject_seconds=30)
+    settings = Settings(
+        prefill_urls=["http://p"],
+        decode_urls=["http://d"],
+        eject_after_failures=2,
+        eject_seconds=30,
+    )
     inst = Instance("http://p")
     record_failure(inst, "prefill", settings)
     assert inst.available()
@@ -66,7 +73,10 @@ async def test_failures_eject_and_4xx_never_does():
     async with harness(prefill=("p1", "p2"), eject_after_failures=1) as h:
         h.backends["p1"].fail_status = 400
         for _ in range(4):
-            assert (await h.client.post("/v1/completions", json=COMPLETION)).status_code in (200, 400)
+            assert (await h.client.post("/v1/completions", json=COMPLETION)).status_code in (
+                200,
+                400,
+            )
         assert all(i.available() for i in h.app.state.registry.prefill.instances)  # 4xx: still in
         h.backends["p1"].fail_status = 500
         for _ in range(4):
@@ -89,7 +99,12 @@ async def test_active_checks_eject_and_readmit():
         mock.get("http://p/health").respond(200)
         health_d = mock.get("http://d/health")
         health_d.respond(500)
-        mock.get("http://p/metrics").respond(200, text='vllm:num_requests_running{engine="0"} 3.0\nvllm:num_requests_waiting{engine="0"} 2.0\nvllm:kv_cache_usage_perc{engine="0"} 0.25\n')
+        mock.get("http://p/metrics").respond(
+            200,
+            text='vllm:num_requests_running{engine="0"} 3.0\n'
+            'vllm:num_requests_waiting{engine="0"} 2.0\n'
+            'vllm:kv_cache_usage_perc{engine="0"} 0.25\n',
+        )
         mock.get("http://d/metrics").respond(200, text="")
         mock.get("http://p/v1/models").respond(json={"data": [{"id": "m", "max_model_len": 2048}]})
         mock.get("http://d/v1/models").respond(json={"data": []})
@@ -108,7 +123,12 @@ async def test_active_checks_eject_and_readmit():
 
 
 def test_parse_load_sums_engines():
-    text = b'vllm:num_requests_running{engine="0",model_name="m"} 1.0\nvllm:num_requests_running{engine="1",model_name="m"} 2.0\n# HELP x\nvllm:kv_cache_usage_perc{engine="0"} 0.5\n'
+    text = (
+        b'vllm:num_requests_running{engine="0",model_name="m"} 1.0\n'
+        b'vllm:num_requests_running{engine="1",model_name="m"} 2.0\n'
+        b"# HELP x\n"
+        b'vllm:kv_cache_usage_perc{engine="0"} 0.5\n'
+    )
     assert parse_load(text) == (3.0, 0.0, 0.5)
 
 

@@ -42,7 +42,13 @@ def test_oversized_multiline_event_is_refused():
         list(parser.feed(b"data: 0123456789\ndata: 0123456789\n"))
 
 
-events = st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=40), max_size=8)
+events = st.lists(
+    st.text(
+        alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)),
+        max_size=40,
+    ),
+    max_size=8,
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -56,6 +62,8 @@ def test_any_split_gives_the_same_events(payloads, data):
         pieces.append(stream[last:cut])
         last = cut
     pieces.append(stream[last:])
-    expected = [p.encode() for p in payloads if p.encode()]  # "data: " alone carries an empty payload
+    expected = [
+        p.encode() for p in payloads if p.encode()
+    ]  # "data: " alone carries an empty payload
     got = parse_all(pieces)
     assert [g for g in got if g] == expected

@@ -1,4 +1,4 @@
-"""A fast fake vLLM engine: the OpenAI API and the ``kv_transfer_params`` protocol, no model.
+"""The fake vLLM server: the OpenAI API and the ``kv_transfer_params`` protocol, no model.
 
 Used by the benchmarks (it must never be the bottleneck: a raw asyncio HTTP/1.1 server on
 httptools, with streams driven by loop timers rather than tasks) and by the proxy's tests
@@ -53,19 +53,16 @@ Use it three ways::
         ...; engine.stats()["generations"]
 
     # as a process
-    python -m bench.fake_engine --port 8100 --prefill-ms 20 --itl-ms 10 --tokens 64
+    python -m bench.fake --port 8100 --prefill-ms 20 --itl-ms 10 --tokens 64
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import dataclasses
 import itertools
-import json
 import os
-import signal
 import socket
 import threading
 import time
@@ -73,126 +70,25 @@ from typing import Any, Self
 
 import httptools
 
-try:  # orjson is faster where present; the stdlib works the same
-    import orjson
-
-    _loads = orjson.loads
-
-    def _dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)
-
-except ImportError:  # pragma: no cover - depends on the environment
-    _loads = json.loads
-
-    def _dumps(obj: Any) -> bytes:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-FAULTS = (None, "error", "hang", "close", "slow_first_byte", "flap")
-LEGS = ("prefill", "decode", "plain")
-SYSTEM_FINGERPRINT = "vllm-0.32.0-fake"
-
-VOCAB_BASE = 256  # ids below this are prompt bytes
-VOCAB_SIZE = 4096
-_TOKEN_TEXT = [f" w{t}" for t in range(VOCAB_BASE + VOCAB_SIZE)]
-_TOKEN_JSON = [b'" w%d"' % t for t in range(VOCAB_BASE + VOCAB_SIZE)]
-
-
-def next_token(prev: int, position: int) -> int:
-    """The "greedy" token after a sequence whose last token is ``prev`` and length ``position``."""
-    return VOCAB_BASE + (prev * 7919 + position * 104729) % VOCAB_SIZE
-
-
-def token_text(token: int) -> str:
-    return _TOKEN_TEXT[token] if token < len(_TOKEN_TEXT) else f" w{token}"
-
-
-def generate(prompt_ids: list[int], count: int) -> list[int]:
-    """The tokens one engine generates after ``prompt_ids`` (what P + D must reproduce)."""
-    prev = prompt_ids[-1] if prompt_ids else 0
-    position = len(prompt_ids)
-    out = []
-    for _ in range(count):
-        prev = next_token(prev, position)
-        out.append(prev)
-        position += 1
-    return out
-
-
-def chat_prompt_ids(messages: list[dict[str, Any]]) -> list[int]:
-    """The fake chat template: ``<|role|>content\\n`` per message, then ``<|assistant|>``."""
-    parts = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        parts.append(f"<|{message.get('role')}|>{content or ''}\n")
-    parts.append("<|assistant|>")
-    return list("".join(parts).encode())
-
-
-@dataclasses.dataclass
-class FakeConfig:
-    """Everything that shapes the fake's answers; change it live with ``configure``."""
-
-    model: str = "fake"
-    max_model_len: int = 8192
-    prefill_ms: float = 20.0  # prefill and plain legs: time to the first token
-    itl_ms: float = 10.0  # time between streamed tokens
-    decode_first_ms: float | None = None  # decode leg: KV pull + first step; None = itl_ms
-    tokens: int = 64  # output tokens when the request sets no max_tokens
-    cached_tokens: int = 0  # prefill/plain legs: prompt_tokens_details.cached_tokens
-    prompt_tokens_details: bool = True  # like vLLM's --enable-prompt-tokens-details
-    fault: str | None = None
-    fault_legs: tuple[str, ...] = LEGS
-    fault_times: int = 0  # fault only the next N matching requests; 0 = every one
-    fault_status: int = 500
-    fault_health: bool = False
-    close_after_chunks: int = 2
-    first_byte_ms: float = 1000.0
-    kv_lease_s: float = 60.0
-    advertise_host: str | None = None  # remote_host in kv_transfer_params; default: bound host
-    keep_requests: int = 64  # recent request bodies kept for tests (stats()["recent"])
-
-    def validate(self) -> None:
-        if self.fault not in FAULTS:
-            raise ValueError(f"fault must be one of {FAULTS}, got {self.fault!r}")
-        if isinstance(self.fault_legs, str):
-            self.fault_legs = tuple(x for x in self.fault_legs.split(",") if x)
-        self.fault_legs = tuple(self.fault_legs)
-        bad = set(self.fault_legs) - set(LEGS)
-        if bad:
-            raise ValueError(f"fault_legs must be among {LEGS}, got {sorted(bad)}")
-
+from .config import FakeConfig, new_stats
+from .model import chat_prompt_ids, next_token
+from .shapes import (
+    SYSTEM_FINGERPRINT,
+    chat_role_chunk,
+    chat_token_chunk,
+    completion_token_chunk,
+    dumps,
+    error_json,
+    loads,
+    metrics_text,
+    models_answer,
+    stream_prefix,
+    stream_usage,
+    whole_answer,
+)
 
 # transfer_id -> (engine, expiry): lets an in-process decode leg mark a transfer pulled.
 _HELD_EVERYWHERE: dict[str, tuple[FakeEngine, float]] = {}
-
-
-def _new_stats() -> dict[str, Any]:
-    return {
-        "requests": 0,  # HTTP requests of any kind
-        "paths": collections.Counter(),
-        "generations": collections.Counter(),  # by leg: prefill, decode, plain
-        "by_endpoint": collections.Counter(),  # completions, chat
-        "streams": 0,
-        "non_streams": 0,
-        "completed": 0,  # generations answered to the end
-        "client_gone": 0,  # the client closed before the answer was complete
-        "chunks": 0,  # streamed token chunks
-        "tokens": 0,  # output tokens, streamed or not
-        "faults": collections.Counter(),
-        "bad_requests": 0,
-        "in_flight": 0,
-        "max_in_flight": 0,
-        "connections_open": 0,
-        "connections_total": 0,
-        "kv_issued": 0,
-        "kv_released": 0,  # via POST /pd/release while held
-        "kv_release_unknown": 0,  # release of an id not held (any more)
-        "kv_pulled": 0,  # decode legs (in this process) that named a held transfer
-        "kv_expired": 0,
-    }
 
 
 class FakeEngine:
@@ -208,12 +104,14 @@ class FakeEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[_Conn] = set()
-        self._ids = itertools.count(1)
+        self.ids_json = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
         self._held: dict[str, float] = {}
         self._fault_seen = 0  # matching requests seen since the fault was set (flap, fault_times)
-        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.config.keep_requests)
-        self._stats = _new_stats()
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=self.config.keep_requests
+        )
+        self._stats = new_stats()
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -221,7 +119,9 @@ class FakeEngine:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, backlog: int = 4096) -> FakeEngine:
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, backlog: int = 4096
+    ) -> FakeEngine:
         self._loop = asyncio.get_running_loop()
         self._server = await self._loop.create_server(
             lambda: _Conn(self), host, port, backlog=backlog, reuse_address=True
@@ -311,13 +211,16 @@ class FakeEngine:
         return config
 
     def reset_stats(self) -> None:
-        self._stats = _new_stats()
+        self._stats = new_stats()
         self.recent.clear()
 
     def stats(self) -> dict[str, Any]:
         """Counters of what was served (plain JSON types), plus ``kv_held`` and ``recent``."""
         self._expire_held()
-        out = {k: (dict(v) if isinstance(v, collections.Counter) else v) for k, v in self._stats.items()}
+        out = {
+            k: (dict(v) if isinstance(v, collections.Counter) else v)
+            for k, v in self._stats.items()
+        }
         out["kv_held"] = len(self._held)
         out["held_transfer_ids"] = sorted(self._held)
         out["recent"] = list(self.recent)
@@ -326,7 +229,7 @@ class FakeEngine:
     # --- KV leases --------------------------------------------------------------------
 
     def _issue_transfer(self) -> str:
-        transfer_id = f"fake-{self._id_prefix}-{next(self._ids)}"
+        transfer_id = f"fake-{self._id_prefix}-{next(self.ids_json)}"
         expiry = time.monotonic() + self.config.kv_lease_s
         self._held[transfer_id] = expiry
         _HELD_EVERYWHERE[transfer_id] = (self, expiry)
@@ -385,7 +288,7 @@ class FakeEngine:
         return config.fault
 
     def _new_id(self) -> str:
-        return f"{self._id_prefix}{next(self._ids):012x}"
+        return f"{self._id_prefix}{next(self.ids_json):012x}"
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -399,18 +302,20 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 # --- HTTP --------------------------------------------------------------------------------
 
-_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 500: b"Internal Server Error", 503: b"Service Unavailable"}
+_REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
 _STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\nserver: fake-vllm\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
     b"transfer-encoding: chunked\r\n\r\n"
 )
 _END = b"0\r\n\r\n"
 _DONE_CHUNK = b"e\r\ndata: [DONE]\n\n\r\n"  # len(b"data: [DONE]\n\n") == 14
-
-
-def _error_json(status: int, message: str, param: str | None = None) -> bytes:
-    kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
-    return _dumps({"error": {"message": message, "type": kind, "param": param, "code": status}})
 
 
 class _BadRequest(Exception):
@@ -461,7 +366,7 @@ class _Conn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            self.write_simple(400, _error_json(400, "malformed HTTP request"), keep_alive=False)
+            self.write_simple(400, error_json(400, "malformed HTTP request"), keep_alive=False)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -479,21 +384,35 @@ class _Conn(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        request = (self.parser.get_method(), self.url, b"".join(self.body), self.parser.should_keep_alive())
+        request = (
+            self.parser.get_method(),
+            self.url,
+            b"".join(self.body),
+            self.parser.should_keep_alive(),
+        )
         if self.active is None and not self.pending:
             self.dispatch(*request)
         else:
             self.pending.append(request)
 
     # responses
-    def write_simple(self, status: int, body: bytes, content_type: bytes = b"application/json", keep_alive: bool = True) -> None:
+    def write_simple(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes = b"application/json",
+        keep_alive: bool = True,
+    ) -> None:
         if self.closed or self.transport is None:
             return
-        head = b"HTTP/1.1 %d %s\r\nserver: fake-vllm\r\ncontent-type: %s\r\ncontent-length: %d\r\n" % (
-            status,
-            _REASONS.get(status, b"Error"),
-            content_type,
-            len(body),
+        head = (
+            b"HTTP/1.1 %d %s\r\nserver: fake-vllm\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+            % (
+                status,
+                _REASONS.get(status, b"Error"),
+                content_type,
+                len(body),
+            )
         )
         if not keep_alive:
             head += b"connection: close\r\n"
@@ -516,35 +435,45 @@ class _Conn(asyncio.Protocol):
         config = engine.config
         if path in ("/v1/completions", "/v1/chat/completions"):
             if method != b"POST":
-                return self.write_simple(405, _error_json(405, "use POST"), keep_alive=keep_alive)
-            return self._generation("chat" if path == "/v1/chat/completions" else "completions", body, keep_alive)
+                return self.write_simple(405, error_json(405, "use POST"), keep_alive=keep_alive)
+            return self._generation(
+                "chat" if path == "/v1/chat/completions" else "completions", body, keep_alive
+            )
         if path == "/health":
             status = 503 if (config.fault_health and config.fault) else 200
             return self.write_simple(status, b"", keep_alive=keep_alive)
         if path == "/v1/models":
-            return self.write_simple(200, _dumps(_models(config)), keep_alive=keep_alive)
+            return self.write_simple(200, dumps(models_answer(config)), keep_alive=keep_alive)
         if path == "/metrics":
-            return self.write_simple(200, _metrics(engine), b"text/plain; version=0.0.4; charset=utf-8", keep_alive)
+            return self.write_simple(
+                200, metrics_text(engine), b"text/plain; version=0.0.4; charset=utf-8", keep_alive
+            )
         if path == "/pd/release":
             try:
-                transfer_id = str(_loads(body).get("transfer_id"))
+                transfer_id = str(loads(body).get("transfer_id"))
             except (ValueError, AttributeError):
-                return self.write_simple(400, _error_json(400, "body must be {\"transfer_id\": ...}"), keep_alive=keep_alive)
+                return self.write_simple(
+                    400,
+                    error_json(400, 'body must be {"transfer_id": ...}'),
+                    keep_alive=keep_alive,
+                )
             released = engine._release(transfer_id)
-            return self.write_simple(200, _dumps({"released": released}), keep_alive=keep_alive)
+            return self.write_simple(200, dumps({"released": released}), keep_alive=keep_alive)
         if path == "/fake/stats":
-            return self.write_simple(200, _dumps(engine.stats()), keep_alive=keep_alive)
+            return self.write_simple(200, dumps(engine.stats()), keep_alive=keep_alive)
         if path == "/fake/config":
             if method == b"POST":
                 try:
-                    engine.configure(**(_loads(body) if body else {}))
+                    engine.configure(**(loads(body) if body else {}))
                 except (ValueError, TypeError) as exc:
-                    return self.write_simple(400, _error_json(400, str(exc)), keep_alive=keep_alive)
-            return self.write_simple(200, _dumps(dataclasses.asdict(engine.config)), keep_alive=keep_alive)
+                    return self.write_simple(400, error_json(400, str(exc)), keep_alive=keep_alive)
+            return self.write_simple(
+                200, dumps(dataclasses.asdict(engine.config)), keep_alive=keep_alive
+            )
         if path == "/fake/reset":
             engine.reset_stats()
             return self.write_simple(200, b"{}", keep_alive=keep_alive)
-        return self.write_simple(404, _error_json(404, f"no route {path}"), keep_alive=keep_alive)
+        return self.write_simple(404, error_json(404, f"no route {path}"), keep_alive=keep_alive)
 
     def _generation(self, endpoint: str, raw: bytes, keep_alive: bool) -> None:
         engine = self.engine
@@ -553,7 +482,9 @@ class _Conn(asyncio.Protocol):
             request = _parse_generation(engine.config, endpoint, raw)
         except _BadRequest as exc:
             stats["bad_requests"] += 1
-            return self.write_simple(exc.status, _error_json(exc.status, exc.message, exc.param), keep_alive=keep_alive)
+            return self.write_simple(
+                exc.status, error_json(exc.status, exc.message, exc.param), keep_alive=keep_alive
+            )
         if engine.config.keep_requests:
             engine.recent.append({"endpoint": endpoint, "leg": request.leg, "body": request.body})
         stats["generations"][request.leg] += 1
@@ -565,14 +496,23 @@ class _Conn(asyncio.Protocol):
             stats["faults"][fault] += 1
         if fault == "error":
             status = engine.config.fault_status
-            return self.write_simple(status, _error_json(status, f"fake engine fault ({status})"), keep_alive=keep_alive)
+            return self.write_simple(
+                status, error_json(status, f"fake engine fault ({status})"), keep_alive=keep_alive
+            )
         if fault == "hang":
             self.active = _Delayed(self, None)  # holds the connection; nothing is scheduled
             return
-        gen = _Gen(self, request, keep_alive, close_after=engine.config.close_after_chunks if fault == "close" else None)
+        gen = _Gen(
+            self,
+            request,
+            keep_alive,
+            close_after=engine.config.close_after_chunks if fault == "close" else None,
+        )
         if fault == "slow_first_byte":
             self.active = _Delayed(self, gen)
-            self.active.handle = asyncio.get_running_loop().call_later(engine.config.first_byte_ms / 1000, self.active.fire)
+            self.active.handle = asyncio.get_running_loop().call_later(
+                engine.config.first_byte_ms / 1000, self.active.fire
+            )
             return
         self.active = gen
         gen.begin()
@@ -615,24 +555,32 @@ class _Request:
 
 def _parse_generation(config: FakeConfig, endpoint: str, raw: bytes) -> _Request:
     try:
-        body = _loads(raw)
+        body = loads(raw)
     except ValueError as exc:
         raise _BadRequest(f"invalid JSON body: {exc}") from exc
     if not isinstance(body, dict):
         raise _BadRequest("the body must be a JSON object")
     model = body.get("model")
     if model is not None and model != config.model:
-        raise _BadRequest(f"The model `{model}` does not exist. Valid aliases: {config.model}.", "model", 404)
+        raise _BadRequest(
+            f"The model `{model}` does not exist. Valid aliases: {config.model}.", "model", 404
+        )
     if endpoint == "completions":
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str) and prompt:
             prompt_ids = list(prompt.encode())
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
             prompt_ids = prompt
         else:
-            raise _BadRequest("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+            raise _BadRequest(
+                "Either prompt or prompt_embeds must be provided and non-empty.", "prompt"
+            )
         max_tokens = body.get("max_tokens")
     else:
         messages = body.get("messages")
@@ -648,14 +596,17 @@ def _parse_generation(config: FakeConfig, endpoint: str, raw: bytes) -> _Request
         raise _BadRequest(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
     if len(prompt_ids) + max_tokens > config.max_model_len:
         raise _BadRequest(
-            f"This model's maximum context length is {config.max_model_len} tokens. However, you requested "
-            f"{max_tokens} output tokens and your prompt contains {len(prompt_ids)} input tokens, for a total "
+            f"This model's maximum context length is {config.max_model_len} tokens. "
+            f"However, you requested {max_tokens} output tokens and your prompt contains "
+            f"{len(prompt_ids)} input tokens, for a total "
             f"of {len(prompt_ids) + max_tokens} tokens.",
         )
     stream = bool(body.get("stream"))
     options = body.get("stream_options") or {}
     if options and not stream:
-        raise _BadRequest("Stream options can only be defined when `stream=True`.", "stream_options")
+        raise _BadRequest(
+            "Stream options can only be defined when `stream=True`.", "stream_options"
+        )
     kv = body.get("kv_transfer_params") or {}
     if kv.get("do_remote_decode"):
         leg = "prefill"
@@ -672,7 +623,9 @@ def _parse_generation(config: FakeConfig, endpoint: str, raw: bytes) -> _Request
         max_tokens=max_tokens,
         stream=stream,
         include_usage=bool(options.get("include_usage")),
-        continuous_usage=bool(options.get("include_usage") and options.get("continuous_usage_stats")),
+        continuous_usage=bool(
+            options.get("include_usage") and options.get("continuous_usage_stats")
+        ),
         return_token_ids=bool(body.get("return_token_ids")),
         model=config.model,
     )
@@ -700,7 +653,9 @@ class _Gen:
         "tokens",
     )
 
-    def __init__(self, conn: _Conn, req: _Request, keep_alive: bool, close_after: int | None) -> None:
+    def __init__(
+        self, conn: _Conn, req: _Request, keep_alive: bool, close_after: int | None
+    ) -> None:
         self.conn, self.req, self.keep_alive, self.close_after = conn, req, keep_alive, close_after
         self.loop = asyncio.get_running_loop()
         self.handle: asyncio.TimerHandle | None = None
@@ -721,16 +676,18 @@ class _Gen:
         config = engine.config
         self.itl = config.itl_ms / 1000
         if self.req.leg == "decode":
-            first = (config.decode_first_ms if config.decode_first_ms is not None else config.itl_ms) / 1000
+            first = (
+                config.decode_first_ms if config.decode_first_ms is not None else config.itl_ms
+            ) / 1000
         else:
             first = config.prefill_ms / 1000
         self.next_at = self.loop.time() + first
         if self.req.stream:
             stats["streams"] += 1
-            self.prefix = _stream_prefix(self.req, self.rid, self.created)
+            self.prefix = stream_prefix(self.req, self.rid, self.created)
             self.conn.transport.write(_STREAM_HEAD)
             if self.req.endpoint == "chat":
-                self._event(_chat_role_chunk(self.req, self.prefix))
+                self._event(chat_role_chunk(self.req, self.prefix))
             self.handle = self.loop.call_at(self.next_at, self._stream_step)
         else:
             stats["non_streams"] += 1
@@ -761,9 +718,9 @@ class _Gen:
         stats["chunks"] += 1
         stats["tokens"] += 1
         if req.endpoint == "chat":
-            payload = _chat_token_chunk(self, token, last)
+            payload = chat_token_chunk(self, token, last)
         else:
-            payload = _completion_token_chunk(self, token, last)
+            payload = completion_token_chunk(self, token, last)
         self._event(payload)
         if self.close_after is not None and len(self.tokens) >= self.close_after:
             self.done = True
@@ -773,8 +730,16 @@ class _Gen:
         if last:
             tail = b""
             if req.include_usage:
-                usage = _dumps(_stream_usage(self))
-                data = b'data: ' + self.prefix + b'"choices":[],"usage":' + usage + b',"system_fingerprint":"' + SYSTEM_FINGERPRINT.encode() + b'"}\n\n'
+                usage = dumps(stream_usage(self))
+                data = (
+                    b"data: "
+                    + self.prefix
+                    + b'"choices":[],"usage":'
+                    + usage
+                    + b',"system_fingerprint":"'
+                    + SYSTEM_FINGERPRINT.encode()
+                    + b'"}\n\n'
+                )
                 tail = b"%x\r\n%s\r\n" % (len(data), data)
             self.conn.transport.write(tail + _DONE_CHUNK + _END)
             self._complete()
@@ -789,7 +754,7 @@ class _Gen:
             self._next()
         stats = self.conn.engine._stats
         stats["tokens"] += len(self.tokens)
-        body = _dumps(_whole_answer(self))
+        body = dumps(whole_answer(self))
         self.conn.write_simple(200, body, keep_alive=self.keep_alive)
         self._complete()
 
@@ -818,279 +783,3 @@ class _Gen:
 
 
 # --- response bodies, shaped like vLLM 0.32's ---------------------------------------------
-
-
-def _prompt_details(config: FakeConfig, req: _Request, chat: bool, streaming: bool) -> dict[str, Any] | None:
-    if not config.prompt_tokens_details:
-        return None
-    # A decode leg found its prompt in the transferred KV: D "cached" it all, which is
-    # exactly the figure a proxy must not report (cached tokens come from P).
-    cached = len(req.prompt_ids) if req.leg == "decode" else config.cached_tokens
-    if streaming:
-        return {"cached_tokens": cached, "created_cache_tokens": 0} if chat else {"cached_tokens": cached}
-    return {"cached_tokens": cached, "created_cache_tokens": 0 if chat else None, "multimodal_tokens": None}
-
-
-def _stream_usage(gen: _Gen) -> dict[str, Any]:
-    req = gen.req
-    prompt, completion = len(req.prompt_ids), len(gen.tokens)
-    usage: dict[str, Any] = {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
-    details = _prompt_details(gen.conn.engine.config, req, req.endpoint == "chat", streaming=True)
-    if details is not None:
-        usage["prompt_tokens_details"] = details
-    return usage
-
-
-def _stream_prefix(req: _Request, rid: str, created: int) -> bytes:
-    kind = b"chat.completion.chunk" if req.endpoint == "chat" else b"text_completion"
-    return b'{"id":"%s","object":"%s","created":%d,"model":%s,' % (rid.encode(), kind, created, _dumps(req.model))
-
-
-def _ids(ids: list[int]) -> bytes:
-    return b"[" + ",".join(map(str, ids)).encode() + b"]"
-
-
-def _continuous(gen: _Gen, completion: int, chat: bool) -> bytes:
-    prompt = len(gen.req.prompt_ids)
-    tail = b',"completion_tokens_details":null' if chat else b""
-    return b',"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d%s}' % (
-        prompt, prompt + completion, completion, tail
-    )
-
-
-def _close_token_chunk(parts: list[bytes], gen: _Gen, last: bool, chat: bool) -> bytes:
-    """What both endpoints' token chunks end with: continuous usage, the fingerprint."""
-    if gen.req.continuous_usage:
-        parts.append(_continuous(gen, len(gen.tokens), chat=chat))
-    if last and not gen.req.include_usage:
-        parts.append(b',"system_fingerprint":"' + SYSTEM_FINGERPRINT.encode() + b'"')
-    parts.append(b"}")
-    return b"".join(parts)
-
-
-def _completion_token_chunk(gen: _Gen, token: int, last: bool) -> bytes:
-    req = gen.req
-    first = len(gen.tokens) == 1
-    parts = [
-        gen.prefix,
-        b'"choices":[{"index":0,"text":',
-        _TOKEN_JSON[token] if token < len(_TOKEN_JSON) else _dumps(token_text(token)),
-        b',"logprobs":null,"finish_reason":',
-        b'"length"' if last else b"null",
-        b',"stop_reason":null,"prompt_token_ids":',
-        _ids(req.prompt_ids) if (first and req.return_token_ids) else b"null",
-        b',"token_ids":',
-        b"[%d]" % token if req.return_token_ids else b"null",
-        b"}]",
-    ]
-    return _close_token_chunk(parts, gen, last, chat=False)
-
-
-def _chat_role_chunk(req: _Request, prefix: bytes) -> bytes:
-    parts = [prefix, b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]']
-    if req.continuous_usage:
-        prompt = len(req.prompt_ids)
-        parts.append(b',"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":0,"completion_tokens_details":null}' % (prompt, prompt))
-    parts.append(b',"prompt_token_ids":')
-    parts.append(_ids(req.prompt_ids) if req.return_token_ids else b"null")
-    parts.append(b',"prompt_text":null}')
-    return b"".join(parts)
-
-
-def _chat_token_chunk(gen: _Gen, token: int, last: bool) -> bytes:
-    req = gen.req
-    parts = [
-        gen.prefix,
-        b'"choices":[{"index":0,"delta":{"content":',
-        _TOKEN_JSON[token] if token < len(_TOKEN_JSON) else _dumps(token_text(token)),
-        b'},"logprobs":null,"finish_reason":',
-        b'"length","stop_reason":null' if last else b"null",
-        b',"token_ids":',
-        b"[%d]" % token if req.return_token_ids else b"null",
-        b"}]",
-    ]
-    return _close_token_chunk(parts, gen, last, chat=True)
-
-
-def _whole_answer(gen: _Gen) -> dict[str, Any]:
-    req = gen.req
-    engine = gen.conn.engine
-    config = engine.config
-    text = "".join(token_text(t) for t in gen.tokens)
-    prompt, completion = len(req.prompt_ids), len(gen.tokens)
-    chat = req.endpoint == "chat"
-    usage = {
-        "prompt_tokens": prompt,
-        "total_tokens": prompt + completion,
-        "completion_tokens": completion,
-        "prompt_tokens_details": _prompt_details(config, req, chat, streaming=False),
-        "completion_tokens_details": None,
-    }
-    kv = engine._kv_params(prompt) if req.leg == "prefill" else None
-    token_ids = list(gen.tokens) if req.return_token_ids else None
-    prompt_ids = req.prompt_ids if req.return_token_ids else None
-    if chat:
-        choice = {
-            "index": 0,
-            "message": {
-                "role": "assistant",
-                "content": text,
-                "refusal": None,
-                "annotations": None,
-                "audio": None,
-                "function_call": None,
-                "reasoning": None,
-            },
-            "logprobs": None,
-            "finish_reason": "length",
-            "stop_reason": None,
-            "token_ids": token_ids,
-            "routed_experts": None,
-        }
-        return {
-            "id": gen.rid,
-            "object": "chat.completion",
-            "created": gen.created,
-            "model": req.model,
-            "choices": [choice],
-            "service_tier": None,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "usage": usage,
-            "prompt_logprobs": None,
-            "prompt_token_ids": prompt_ids,
-            "prompt_text": None,
-            "kv_transfer_params": kv,
-            "ec_transfer_params": None,
-            "metrics": None,
-        }
-    choice = {
-        "index": 0,
-        "text": text,
-        "logprobs": None,
-        "finish_reason": "length",
-        "stop_reason": None,
-        "token_ids": token_ids,
-        "prompt_logprobs": None,
-        "prompt_token_ids": prompt_ids,
-        "routed_experts": None,
-    }
-    return {
-        "id": gen.rid,
-        "object": "text_completion",
-        "created": gen.created,
-        "model": req.model,
-        "choices": [choice],
-        "service_tier": None,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "usage": usage,
-        "kv_transfer_params": kv,
-        "ec_transfer_params": None,
-        "metrics": None,
-    }
-
-
-def _models(config: FakeConfig) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": config.model,
-                "object": "model",
-                "created": int(time.time()),
-                "owned_by": "vllm",
-                "root": config.model,
-                "parent": None,
-                "max_model_len": config.max_model_len,
-                "permission": [],
-            }
-        ],
-    }
-
-
-def _metrics(engine: FakeEngine) -> bytes:
-    engine._expire_held()
-    labels = f'engine="0",model_name="{engine.config.model}"'
-    running = engine._stats["in_flight"]
-    usage = min(1.0, (running + len(engine._held)) / 1000)
-    return (
-        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
-        "# TYPE vllm:num_requests_running gauge\n"
-        f"vllm:num_requests_running{{{labels}}} {float(running)}\n"
-        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
-        "# TYPE vllm:num_requests_waiting gauge\n"
-        f"vllm:num_requests_waiting{{{labels}}} 0.0\n"
-        "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
-        "# TYPE vllm:kv_cache_usage_perc gauge\n"
-        f"vllm:kv_cache_usage_perc{{{labels}}} {usage}\n"
-    ).encode()
-
-
-# --- command line ------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.fake_engine", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8100)
-    parser.add_argument("--model", default=FakeConfig.model)
-    parser.add_argument("--max-model-len", type=int, default=FakeConfig.max_model_len)
-    parser.add_argument("--prefill-ms", type=float, default=FakeConfig.prefill_ms)
-    parser.add_argument("--itl-ms", type=float, default=FakeConfig.itl_ms)
-    parser.add_argument("--decode-first-ms", type=float, default=None)
-    parser.add_argument("--tokens", type=int, default=FakeConfig.tokens, help="output tokens when max_tokens is absent")
-    parser.add_argument("--cached-tokens", type=int, default=FakeConfig.cached_tokens)
-    parser.add_argument("--fault", choices=[f for f in FAULTS if f], default=None)
-    parser.add_argument("--fault-legs", default=",".join(LEGS), help="comma list of prefill,decode,plain")
-    parser.add_argument("--fault-times", type=int, default=0)
-    parser.add_argument("--fault-status", type=int, default=500)
-    parser.add_argument("--fault-health", action="store_true")
-    parser.add_argument("--close-after-chunks", type=int, default=FakeConfig.close_after_chunks)
-    parser.add_argument("--first-byte-ms", type=float, default=FakeConfig.first_byte_ms)
-    parser.add_argument("--kv-lease-s", type=float, default=FakeConfig.kv_lease_s)
-    parser.add_argument("--keep-requests", type=int, default=0, help="recent request bodies kept for /fake/stats")
-    parser.add_argument("--no-uvloop", action="store_true")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> FakeConfig:
-    return FakeConfig(
-        model=args.model,
-        max_model_len=args.max_model_len,
-        prefill_ms=args.prefill_ms,
-        itl_ms=args.itl_ms,
-        decode_first_ms=args.decode_first_ms,
-        tokens=args.tokens,
-        cached_tokens=args.cached_tokens,
-        fault=args.fault,
-        fault_legs=tuple(x for x in args.fault_legs.split(",") if x),
-        fault_times=args.fault_times,
-        fault_status=args.fault_status,
-        fault_health=args.fault_health,
-        close_after_chunks=args.close_after_chunks,
-        first_byte_ms=args.first_byte_ms,
-        kv_lease_s=args.kv_lease_s,
-        keep_requests=args.keep_requests,
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    engine = FakeEngine(config_from_args(args))
-    loop = asyncio.new_event_loop() if args.no_uvloop else _new_loop()
-    asyncio.set_event_loop(loop)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    async def serve() -> None:
-        await engine.start(args.host, args.port)
-        print(f"fake engine listening on {engine.url}", flush=True)
-        await stop.wait()
-        await engine.stop()
-
-    loop.run_until_complete(serve())
-    loop.close()
-
-
-if __name__ == "__main__":
-    main()
