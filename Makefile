@@ -2,14 +2,15 @@
 #   make demo   builds a tiny model, runs P and D vLLM servers with the PDConnector and the
 #               proxy, sends a chat request through the OpenAI SDK, prints where time went.
 #   make test   the whole test suite (unit tests and end-to-end tests on real vLLM CPU servers).
-# Both create .venv on first use; nothing needs to be installed beforehand.
+# Both create .venv on first use; nothing needs to be installed beforehand. The tests also
+# need promtool (the alert rules' checks), which `make tools` installs from Debian if missing.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pdproxy-installed
 
-.PHONY: demo test test-unit bench soak venv clean
+.PHONY: demo test test-unit bench soak venv tools clean
 
 venv: $(STAMP)
 
@@ -21,13 +22,29 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
+# promtool checks and unit-tests config/prometheus/pdproxy-alerts.yaml. It ships only in
+# Debian's prometheus package (about 19 MB to download, 6 s to install; no recommends, so no
+# node exporter). Nothing happens when promtool is already on PATH. Installing needs root;
+# the package's service is not started where there is no init system or a policy-rc.d.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  command -v apt-get >/dev/null 2>&1 || { echo "make tools: promtool is missing and this is not Debian; install Prometheus's promtool and put it on PATH" >&2; exit 1; }; \
+	  [ "$$(id -u)" = 0 ] || { echo "make tools: promtool is missing; run as root, or: sudo apt-get install --no-install-recommends prometheus" >&2; exit 1; }; \
+	  echo "make tools: installing promtool (Debian package prometheus)"; \
+	  log=$$(mktemp); \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } >"$$log" 2>&1 \
+	    || { cat "$$log" >&2; rm -f "$$log"; echo "make tools: apt-get install prometheus failed" >&2; exit 1; }; \
+	  rm -f "$$log"; \
+	  command -v promtool >/dev/null 2>&1 || { echo "make tools: prometheus installed but promtool is not on PATH" >&2; exit 1; }; \
+	}
+
 demo: $(STAMP)
 	$(PY) -m devkit.demo
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(PY) -m pytest -q -ra tests
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) tools
 	$(PY) -m pytest -q -ra tests -m "not e2e"
 
 bench: $(STAMP)
