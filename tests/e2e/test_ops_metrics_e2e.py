@@ -44,6 +44,6 @@ def test_engine_metrics_used_by_the_dashboard_and_alerts_exist(cluster):
         )
 
     assert not missing("vllm:", vllm), "not on vLLM's /metrics:\n" + missing("vllm:", vllm)
-    assert not missing("pd_connector_", connector), "not on the engine's connector /metrics:\n" + missing(
-        "pd_connector_", connector
+    assert not missing("pd_connector_", connector), (
+        "not on the engine's connector /metrics:\n" + missing("pd_connector_", connector)
     )

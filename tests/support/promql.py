@@ -41,7 +41,8 @@ FUNCTIONS = frozenset(
     stdvar_over_time sum_over_time tan tanh time timestamp vector year""".split()
 )
 AGGREGATIONS = frozenset(
-    "sum min max avg group stddev stdvar count count_values bottomk topk quantile limitk limit_ratio".split()
+    "sum min max avg group stddev stdvar count count_values bottomk topk quantile limitk "
+    "limit_ratio".split()
 )
 # Keywords followed by a parenthesised list of label names (group_left/right: optionally).
 LABEL_LIST_KEYWORDS = frozenset("by without on ignoring group_left group_right".split())
@@ -53,7 +54,8 @@ _TOKEN = re.compile(
     r"""
     (?P<space>\s+)
   | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)
-  | (?P<number>0[xX][0-9a-fA-F]+|(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?(?:(?:ms|[smhdwy])(?:\d+(?:ms|[smhdwy]))*)?)
+  | (?P<number>0[xX][0-9a-fA-F]+
+      |(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?(?:(?:ms|[smhdwy])(?:\d+(?:ms|[smhdwy]))*)?)
   | (?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)
   | (?P<op>==|!=|>=|<=|=~|!~|[-+*/%^<>=@])
   | (?P<punct>[(){}\[\],])
@@ -156,7 +158,9 @@ def _skip_matchers(tokens, i: int, expr: str) -> int:
             or window[1][1] not in _MATCH_OPS
             or window[2][0] != "string"
         ):
-            raise PromQLError(f"bad label matcher at {tokens[i][2] if i < len(tokens) else 'end'}: {expr!r}")
+            raise PromQLError(
+                f"bad label matcher at {tokens[i][2] if i < len(tokens) else 'end'}: {expr!r}"
+            )
         i += 3
         if i < len(tokens) and tokens[i][1] == ",":
             i += 1
@@ -183,7 +187,9 @@ def _skip_label_list(tokens, i: int, expr: str) -> int:
 # A variable anywhere else then fails the parse, as it should.
 GRAFANA_DURATIONS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h"}
 _VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
-_LABEL_VALUES = re.compile(r"^\s*label_values\(\s*(?:(.*),\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*\)\s*$", re.S)
+_LABEL_VALUES = re.compile(
+    r"^\s*label_values\(\s*(?:(.*),\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*\)\s*$", re.S
+)
 
 
 def expand_grafana(expr: str) -> str:
@@ -222,10 +228,19 @@ def dashboard_queries(dashboard: dict) -> list[tuple[str, str]]:
     out = []
     for panel in dashboard_panels(dashboard):
         for target in panel.get("targets", []):
-            out.append((f"panel {panel['id']} {panel['title']!r} {target['refId']}", expand_grafana(target["expr"])))
+            out.append(
+                (
+                    f"panel {panel['id']} {panel['title']!r} {target['refId']}",
+                    expand_grafana(target["expr"]),
+                )
+            )
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
-            query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+            query = (
+                variable["query"]["query"]
+                if isinstance(variable["query"], dict)
+                else variable["query"]
+            )
             selector = variable_selector(query)
             if selector:
                 out.append((f"variable {variable['name']}", expand_grafana(selector)))

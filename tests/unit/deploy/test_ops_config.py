@@ -93,7 +93,9 @@ def connector_exposition() -> str:
     from engine_ext.stats import StatsRegistry
 
     registry = StatsRegistry()
-    server = ControlServer("127.0.0.1", 0, lambda _tid: False, registry.snapshot, registry.prometheus).start()
+    server = ControlServer(
+        "127.0.0.1", 0, lambda _tid: False, registry.snapshot, registry.prometheus
+    ).start()
     try:
         response = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10)
         assert response.status_code == 200, response.text
@@ -114,7 +116,8 @@ def connector_exposition() -> str:
             {"pdproxy_requests_total"},
         ),
         (
-            "histogram_quantile(0.99, sum by (le) (rate(pdproxy_phase_seconds_bucket{phase=\"handoff\"}[5m]))) > 1",
+            "histogram_quantile(0.99, sum by (le) "
+            '(rate(pdproxy_phase_seconds_bucket{phase="handoff"}[5m]))) > 1',
             {"pdproxy_phase_seconds_bucket"},
         ),
         ("max by (instance) (vllm:kv_cache_usage_perc)", {"vllm:kv_cache_usage_perc"}),
@@ -160,10 +163,19 @@ def test_exported_series_reads_type_lines_and_samples():
         "# TYPE s summary\n"
         "# TYPE g gauge\n"
         "g 1\n"
-        "loose{x=\"1\"} 2\n"
+        'loose{x="1"} 2\n'
     )
     assert set(exported_series(text)) == {
-        "a_total", "b_total", "h_bucket", "h_sum", "h_count", "s", "s_sum", "s_count", "g", "loose"
+        "a_total",
+        "b_total",
+        "h_bucket",
+        "h_sum",
+        "h_count",
+        "s",
+        "s_sum",
+        "s_count",
+        "g",
+        "loose",
     }
 
 
@@ -181,8 +193,15 @@ def test_dashboard_is_an_importable_grafana_dashboard(dashboard):
     assert dashboard["schemaVersion"] >= 36 and dashboard["title"] and dashboard["uid"]
     assert dashboard.get("id") is None  # an exported dashboard carries no database id
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    queries = [(f"panel {p['title']!r}", t["expr"]) for p in dashboard_panels(dashboard) for t in p["targets"]]
+    assert (
+        variables["datasource"]["type"] == "datasource"
+        and variables["datasource"]["query"] == "prometheus"
+    )
+    queries = [
+        (f"panel {p['title']!r}", t["expr"])
+        for p in dashboard_panels(dashboard)
+        for t in p["targets"]
+    ]
     for variable in variables.values():
         if variable["type"] == "query":
             assert variable["datasource"]["uid"] == DATASOURCE_UID, variable["name"]
@@ -197,7 +216,9 @@ def test_dashboard_is_an_importable_grafana_dashboard(dashboard):
 def test_every_panel_queries_the_datasource_variable(dashboard):
     panels = dashboard_panels(dashboard)
     assert len(panels) >= 20
-    ids = [p["id"] for p in dashboard["panels"]] + [c["id"] for p in dashboard["panels"] for c in p.get("panels", [])]
+    ids = [p["id"] for p in dashboard["panels"]] + [
+        c["id"] for p in dashboard["panels"] for c in p.get("panels", [])
+    ]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     for panel in panels:
         where = f"panel {panel['id']} {panel['title']!r}"
@@ -230,27 +251,43 @@ def test_panels_have_units_and_legends_name_their_labels(dashboard):
                     f"{where} {target['refId']}: legend lacks {label}"
                 )
             if len(panel["targets"]) > 1:
-                assert target["legendFormat"], f"{where} {target['refId']}: several queries need legends"
+                assert target["legendFormat"], (
+                    f"{where} {target['refId']}: several queries need legends"
+                )
 
 
 def test_rate_windows_are_five_minutes(dashboard, alerts):
-    """rate() and increase() over 5m everywhere, except totals over a fixed or the dashboard's range."""
+    """rate() and increase() over 5m everywhere, except totals over a fixed range or the
+    dashboard's."""
     allowed = {"rate": {"5m"}, "increase": {"5m", "1h", "$__range"}}
-    queries = [(f"panel {p['title']!r}", t["expr"]) for p in dashboard_panels(dashboard) for t in p["targets"]]
+    queries = [
+        (f"panel {p['title']!r}", t["expr"])
+        for p in dashboard_panels(dashboard)
+        for t in p["targets"]
+    ]
     seen = 0
     for where, expr in queries + alert_queries(alerts):
         for func, window in re.findall(r"\b(rate|increase|irate)\([^()\[]*\[([^\]]+)\]", expr):
             assert window in allowed.get(func, set()), f"{where}: {func}[{window}]"
             seen += 1
-    assert seen == sum(len(re.findall(r"\b(?:rate|increase|irate)\(", e)) for _, e in queries + alert_queries(alerts))
+    assert seen == sum(
+        len(re.findall(r"\b(?:rate|increase|irate)\(", e))
+        for _, e in queries + alert_queries(alerts)
+    )
 
 
 def test_panels_tile_the_grid(dashboard):
     taken: set[tuple[int, int]] = set()
     for panel in dashboard["panels"]:
         pos = panel["gridPos"]
-        assert pos["w"] > 0 and pos["h"] > 0 and pos["x"] >= 0 and pos["x"] + pos["w"] <= GRID_COLUMNS, panel["title"]
-        cells = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"]) for y in range(pos["y"], pos["y"] + pos["h"])}
+        assert (
+            pos["w"] > 0 and pos["h"] > 0 and pos["x"] >= 0 and pos["x"] + pos["w"] <= GRID_COLUMNS
+        ), panel["title"]
+        cells = {
+            (x, y)
+            for x in range(pos["x"], pos["x"] + pos["w"])
+            for y in range(pos["y"], pos["y"] + pos["h"])
+        }
         assert not cells & taken, f"panel {panel['title']!r} overlaps another"
         taken |= cells
 
@@ -261,7 +298,9 @@ def test_panels_tile_the_grid(dashboard):
 def test_every_metric_used_is_exported(used_names, proxy_exposition, connector_exposition):
     proxy = exported_series(proxy_exposition)
     connector = exported_series(connector_exposition)
-    assert "pdproxy_requests_total" in proxy and "pd_connector_transfers_ok_total" in connector  # real scrapes
+    assert (
+        "pdproxy_requests_total" in proxy and "pd_connector_transfers_ok_total" in connector
+    )  # real scrapes
     unknown = []
     for name, where in sorted(used_names.items()):
         if name.startswith("pdproxy_"):
@@ -277,7 +316,9 @@ def test_every_metric_used_is_exported(used_names, proxy_exposition, connector_e
     assert not unknown, "metrics nobody exports:\n" + "\n".join(unknown)
 
 
-def test_the_dashboard_shows_every_family_the_code_exports(dashboard, proxy_exposition, connector_exposition):
+def test_the_dashboard_shows_every_family_the_code_exports(
+    dashboard, proxy_exposition, connector_exposition
+):
     used = {name for _, expr in dashboard_queries(dashboard) for name in metric_names(expr)}
     missing = []
     for text, prefix in ((proxy_exposition, "pdproxy_"), (connector_exposition, "pd_connector_")):
@@ -344,18 +385,30 @@ def test_every_alert_has_firing_and_silent_unit_tests(alerts):
         for rule in group["rules"]:
             name = rule["alert"]
             assert any(cases.get(name, [])), f"{name}: no test where it fires"
-            assert any(not c for c in cases.get(name, [])), f"{name}: no test where it must not fire"
+            assert any(not c for c in cases.get(name, [])), (
+                f"{name}: no test where it must not fire"
+            )
             assert rule.get("for"), f"{name}: no for:"
             assert rule["labels"]["severity"] in ("critical", "warning", "info"), name
-            assert rule["annotations"].get("summary") and rule["annotations"].get("description"), name
+            assert rule["annotations"].get("summary") and rule["annotations"].get("description"), (
+                name
+            )
 
 
 def test_promtool_parses_every_dashboard_query(dashboard, tmp_path):
     """promtool's own PromQL parser on each panel and variable query (as recording rules)."""
     queries = dashboard_queries(dashboard)
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(queries)
-    ]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": expr}
+                    for i, (_, expr) in enumerate(queries)
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard-queries.yaml"
     path.write_text(yaml.safe_dump(rules))
     result = subprocess.run(
@@ -365,7 +418,7 @@ def test_promtool_parses_every_dashboard_query(dashboard, tmp_path):
         # Name the panel: promtool only knows the rule's index.
         detail = result.stdout + result.stderr
         for i, (where, expr) in enumerate(queries):
-            if f"dashboard:query_{i}\"" in detail or f"query_{i}:" in detail:
+            if f'dashboard:query_{i}"' in detail or f"query_{i}:" in detail:
                 detail += f"\nquery_{i} is {where}: {expr}"
         pytest.fail(f"promtool rejects dashboard queries:\n{detail}")
     assert f"SUCCESS: {len(queries)} rules found" in result.stdout
