@@ -7,6 +7,13 @@ beyond the standard library and never blocks the engine loop.
 * ``POST /pd/release`` ``{"transfer_id": "..."}`` -> ``200 {"released": true|false}``:
   idempotent; true only for the call that released a transfer still held. The proxy
   calls it when a client goes away between the prefill and the decode leg.
+* ``POST /pd/hold`` ``{"key": "...", "lease_seconds": s}`` -> ``200 {"armed": bool}``:
+  hold the KV of the running request with that ``migration_key`` when it ends (the
+  proxy then ends it: :mod:`engine_ext.migrations`).
+* ``POST /pd/held`` ``{"key": "...", "wait_seconds": w}`` -> ``200 {"outcome": ...}``:
+  what became of an armed request, waiting up to ``w`` seconds for it to end:
+  ``held`` (with the ``kv_transfer_params`` of its KV), ``finished`` (it ended
+  normally first), ``not_held``, or ``pending`` / ``unknown``.
 * ``GET /pd/stats`` -> JSON totals (what the tests read).
 * ``GET /metrics`` -> the same totals as Prometheus text.
 * ``GET /pd/health`` -> ``{"ok": true}``.
@@ -35,8 +42,14 @@ class ControlServer:
         release: Callable[[str], bool],
         stats: Callable[[], dict[str, Any]],
         metrics: Callable[[], str],
+        arm: Callable[[str, float | None], bool] | None = None,
+        collect: Callable[[str, float], dict[str, Any] | None] | None = None,
     ):
-        handler = _make_handler(release, stats, metrics)
+        posts = {"/pd/release": _release(release)}
+        if arm is not None and collect is not None:
+            posts["/pd/hold"] = _hold(arm)
+            posts["/pd/held"] = _held(collect)
+        handler = _make_handler(posts, stats, metrics)
         self._server = ThreadingHTTPServer((bind_host, port), handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -57,7 +70,56 @@ class ControlServer:
         self._thread.join(timeout=5)
 
 
-def _make_handler(release, stats, metrics) -> type[BaseHTTPRequestHandler]:
+class BadRequest(ValueError):
+    pass
+
+
+def _string(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{name} must be a non-empty string")
+    return value
+
+
+def _seconds(body: dict[str, Any], name: str, default: float | None) -> float | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise BadRequest(f"{name} must be a number of seconds")
+    return float(value)
+
+
+def _release(release: Callable[[str], bool]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def handle(body: dict[str, Any]) -> dict[str, Any]:
+        transfer_id = _string(body, "transfer_id")
+        released = release(transfer_id)
+        logger.info("control: release %s -> %s", transfer_id, released)
+        return {"released": released}
+
+    return handle
+
+
+def _hold(arm: Callable[[str, float | None], bool]) -> Callable[[dict[str, Any]], dict]:
+    def handle(body: dict[str, Any]) -> dict[str, Any]:
+        key = _string(body, "key")
+        armed = arm(key, _seconds(body, "lease_seconds", None))
+        logger.info("control: hold %s -> %s", key, armed)
+        return {"armed": armed}
+
+    return handle
+
+
+def _held(collect: Callable[[str, float], dict[str, Any] | None]) -> Callable[[dict], dict]:
+    def handle(body: dict[str, Any]) -> dict[str, Any]:
+        key = _string(body, "key")
+        outcome = collect(key, _seconds(body, "wait_seconds", 0.0) or 0.0)
+        return outcome if outcome is not None else {"outcome": "pending"}
+
+    return handle
+
+
+def _make_handler(posts, stats, metrics) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -86,22 +148,21 @@ def _make_handler(release, stats, metrics) -> type[BaseHTTPRequestHandler]:
                 self._json(404, {"error": "not found"})
 
         def do_POST(self) -> None:
-            if self.path.split("?", 1)[0] != "/pd/release":
+            handle = posts.get(self.path.split("?", 1)[0])
+            if handle is None:
                 self._json(404, {"error": "not found"})
                 return
             try:
                 length = int(self.headers.get("Content-Length") or 0)
                 if not 0 < length <= MAX_BODY:
-                    raise ValueError("body required (at most 64 KiB)")
+                    raise BadRequest("body required (at most 64 KiB)")
                 body = json.loads(self.rfile.read(length))
-                transfer_id = body["transfer_id"]
-                if not isinstance(transfer_id, str):
-                    raise TypeError("transfer_id must be a string")
-            except (ValueError, KeyError, TypeError) as exc:
-                self._json(400, {"error": f'expected {{"transfer_id": str}}: {exc}'})
+                if not isinstance(body, dict):
+                    raise BadRequest("the body must be a JSON object")
+                answer = handle(body)
+            except (BadRequest, ValueError) as exc:
+                self._json(400, {"error": str(exc)})
                 return
-            released = release(transfer_id)
-            logger.info("control: release %s -> %s", transfer_id, released)
-            self._json(200, {"released": released})
+            self._json(200, answer)
 
     return Handler

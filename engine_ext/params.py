@@ -3,7 +3,7 @@
 vLLM carries a request's ``kv_transfer_params`` from the HTTP body to the connector
 and puts what ``request_finished`` returns into the HTTP answer. The proxy copies P's
 answer into D's request verbatim; it names the keys it reads itself on its side
-(``proxy/serve/kv_params.py``), and a unit test feeds this module's real output through
+(``proxy/wire/kv_params.py``), and a unit test feeds this module's real output through
 the proxy's readers so the two sides cannot drift.
 
 Everything read here comes from an HTTP body: a malformed value must cost a
@@ -31,6 +31,9 @@ LAYOUT = "layout"
 # A prefill request's options:
 CONSUMERS = "consumers"  # how many decode requests will pull the KV (default 1)
 LEASE_SECONDS = "lease_seconds"  # hold for less than the configured lease
+# Any request's option: the proxy may move it to another engine with its KV
+# (engine_ext/migrations.py).
+MIGRATION_KEY = "migration_key"
 
 # What a decode request's params must carry (all of it produced by held_params).
 REQUIRED = (
@@ -54,6 +57,11 @@ def is_remote_prefill(params: dict[str, Any] | None) -> bool:
     return (
         bool(params) and bool(params.get(DO_REMOTE_PREFILL)) and all(k in params for k in REQUIRED)
     )
+
+
+def migration_key(params: dict[str, Any] | None) -> str | None:
+    key = (params or {}).get(MIGRATION_KEY)
+    return key if isinstance(key, str) and 0 < len(key) <= 256 else None
 
 
 def _positive(value: Any, default: Any) -> Any:

@@ -26,6 +26,7 @@ from engine_ext.idle import IDLE_WAIT_MAX_SECONDS, IdleWaiter, engine_hooks, wor
 from engine_ext.layout import blocks_to_load, spec_mismatch, spec_signature
 from engine_ext.leases import LeaseTable
 from engine_ext.metadata import Notice, PDConnectorMetadata, PullSpec, SendSpec
+from engine_ext.migrations import MigrationTable
 from engine_ext.stats import StatsRegistry
 from engine_ext.wake import RECV, SEND, WakeListener
 
@@ -55,6 +56,7 @@ class PDScheduler:
         self.host = settings.advertised_host
         self.leases = LeaseTable(settings.lease_seconds)
         self.stats = StatsRegistry()
+        self.migrations = MigrationTable()
         self._meta = PDConnectorMetadata()
         self._handled: set[str] = set()  # D requests whose remote params were acted on
         self._pulling: dict[str, float] = {}  # D requests waiting for their pull -> since
@@ -77,6 +79,8 @@ class PDScheduler:
                 settings.bind_host,
                 settings.control_port,
                 release=self.release,
+                arm=self.arm_migration,
+                collect=self.collect_migration,
                 stats=self.stats_json,
                 metrics=self.stats.prometheus,
             ).start()
@@ -120,6 +124,9 @@ class PDScheduler:
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
         params = request.kv_transfer_params
+        key = kv.migration_key(params)
+        if key:  # the proxy may move it elsewhere later
+            self.migrations.started(key, request.request_id)
         if not kv.is_remote_prefill(params) or request.request_id in self._handled:
             return 0, False
         if not self._usable(request):
@@ -197,18 +204,22 @@ class PDScheduler:
 
         params = request.kv_transfer_params
         rid = request.request_id
-        if kv.is_remote_prefill(params):  # a decode request ends (normally or aborted)
+        pulled = kv.is_remote_prefill(params)
+        if pulled:  # a decode request ends (normally or aborted)
             if rid not in self._handled:
                 self._notice(request)  # aborted before it was ever scheduled
             self._handled.discard(rid)
             self._warned.discard(rid)
-            return False, None
-        if not kv.wants_hold(params):
-            return False, None
         finished_normally = request.status in (
             RequestStatus.FINISHED_LENGTH_CAPPED,
             RequestStatus.FINISHED_STOPPED,
         )
+        key = kv.migration_key(params)
+        armed = self.migrations.ended(key) if key else None
+        if armed is not None:  # the proxy is moving this request to another engine
+            return self._migrate(request, block_ids, key, armed, finished_normally)
+        if pulled or not kv.wants_hold(params):
+            return False, None
         prompt_len = request.num_prompt_tokens
         if not finished_normally or request.num_computed_tokens < prompt_len or not block_ids:
             logger.info(
@@ -219,29 +230,68 @@ class PDScheduler:
                 prompt_len,
             )
             return False, None
+        # Only the blocks holding prompt tokens travel (the sampled token has no KV yet).
+        answer = self._hold(
+            rid, block_ids, prompt_len, kv.requested_lease(params), kv.requested_consumers(params)
+        )
+        return (True, answer) if answer else (False, None)
+
+    def _migrate(
+        self, request: Request, block_ids: list[int], key: str, armed: Any, normal: bool
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """An armed request ended: hold its KV for the engine it moves to, and tell the
+        proxy (which collects the outcome from the control plane)."""
+        rid = request.request_id
+        tokens = request.num_computed_tokens  # tokens whose KV is in the blocks
+        answer = None
+        if normal:
+            outcome: dict[str, Any] = {"outcome": "finished", "reason": str(request.status)}
+        elif tokens <= 0 or not block_ids:
+            outcome = {"outcome": "not_held", "reason": "no KV computed yet"}
+        else:
+            answer = self._hold(rid, block_ids, tokens, armed.lease_seconds, 1)
+            if answer is None:
+                outcome = {"outcome": "not_held", "reason": "ZMQ ports unknown"}
+            else:
+                outcome = {"outcome": "held", "kv_transfer_params": answer}
+                self.stats.inc("migrations_held")
+        self.migrations.record(key, outcome)
+        logger.info("PDConnector: request %s migrating (%s): %s", rid, key, outcome["outcome"])
+        return (True, answer) if answer else (False, None)
+
+    def _hold(
+        self,
+        rid: str,
+        block_ids: list[int],
+        tokens: int,
+        lease_seconds: float | None,
+        consumers: int,
+    ) -> dict[str, Any] | None:
+        """Hold the blocks of a request's first ``tokens`` tokens for pulls; the params
+        that name them (None when the workers' ports are not known yet)."""
         ports = self.zmq_ports()
         if not ports:
             logger.warning(
                 "PDConnector: not holding blocks of %s: the workers' ZMQ ports are unknown", rid
             )
-            return False, None
-        # Only the blocks holding prompt tokens travel (the sampled token has no KV yet).
-        held = list(block_ids[: -(-prompt_len // self.block_size)])
-        consumers = kv.requested_consumers(params)
+            return None
+        held = list(block_ids[: -(-tokens // self.block_size)])
         tid = uuid.uuid4().hex
-        self.leases.add(tid, rid, kv.requested_lease(params))
+        self.leases.add(tid, rid, lease_seconds)
         self._meta.sends.append(SendSpec(tid, rid, tuple(held), consumers))
         self.stats.inc("transfers_held_total")
-        return True, kv.held_params(
-            tid,
-            self.engine_id,
-            self.host,
-            ports,
-            self.control_port,
-            held,
-            prompt_len,
-            self.layout,
+        return kv.held_params(
+            tid, self.engine_id, self.host, ports, self.control_port, held, tokens, self.layout
         )
+
+    # ------------------------------------------------------------ control plane
+
+    def arm_migration(self, key: str, lease_seconds: float | None) -> bool:
+        """Control plane: hold this request's KV when it ends (the proxy ends it)."""
+        return self.migrations.arm(key, lease_seconds)
+
+    def collect_migration(self, key: str, wait_seconds: float) -> dict[str, Any] | None:
+        return self.migrations.collect(key, min(wait_seconds, 30.0))
 
     def zmq_ports(self) -> list[int]:
         """The ZMQ port of each TP rank's server (the workers report the ports they

@@ -45,6 +45,8 @@ SCHEDULER_COUNTERS: dict[str, str] = {
     "releases": "Held transfers released through POST /pd/release (P side).",
     "transfers_completed": "Held transfers released because all consumers pulled (P side).",
     "pulls_started": "Decode requests that started a pull (D side).",
+    "migrations_held": "Running requests moved away whose KV was held for the engine "
+    "that continues them (live migration's source side).",
     "pulls_skipped": "Decode requests with remote KV that did not pull (local hit, mismatch).",
     "kv_wait_seconds_total": "Wall time decode requests waited for their KV, from the step "
     "that started the pull to the step that saw it end, summed (D side).",

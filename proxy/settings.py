@@ -229,6 +229,47 @@ class Settings(BaseSettings):
         description="Deadline for telling P to free the KV of an abandoned request.",
     )
 
+    # --- streams that outlive their decode server ------------------------------------
+    max_resumes: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        description="Times one streamed answer may continue on another decode instance "
+        "after its decode server failed mid-stream (it recomputes the prompt and the "
+        "tokens sent; the client sees one stream). 0: the stream ends with an error event.",
+    )
+    migrate_on_drain: bool = Field(
+        default=True,
+        description="Draining a decode instance (admin API) moves its live streams to "
+        "other decode instances with their KV, so it can restart with no client noticing.",
+    )
+    rebalance: bool = Field(
+        default=False,
+        description="Move live streams from the most to the least loaded decode instance "
+        "(with their KV) when their loads differ by more than PDPROXY_REBALANCE_THRESHOLD.",
+    )
+    rebalance_interval: float = Field(
+        default=5.0, gt=0, description="Seconds between two looks at the decode loads."
+    )
+    rebalance_threshold: float = Field(
+        default=4.0,
+        gt=0,
+        description="Load difference (in running requests; KV usage counts 4 per full "
+        "cache) between the most and the least loaded decode instance that moves streams.",
+    )
+    rebalance_max_moves: int = Field(default=2, ge=1, description="Streams moved per look at most.")
+    migration_cooldown: float = Field(
+        default=30.0,
+        ge=0,
+        description="A stream that moved is not moved again for this long (no ping-pong).",
+    )
+    migration_timeout: float = Field(
+        default=3.0,
+        gt=0,
+        description="How long a move waits for the source to hold the stream's KV before "
+        "it continues by recomputing instead.",
+    )
+
     # --- connection pools -----------------------------------------------------------
     max_connections: int = Field(
         default=2048, ge=1, description="Open connections per backend pool, at most."

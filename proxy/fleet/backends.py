@@ -45,6 +45,9 @@ class Instance:
     ejected_until: float = 0.0
     load: ServerLoad = field(default_factory=ServerLoad)
     max_model_len: dict[str, int] = field(default_factory=dict)
+    # Its KV connector's control plane (holds and releases), learnt from a prefill
+    # answer's kv_transfer_params or a probe; None while unknown, "" if it has none.
+    connector: str | None = None
 
     def available(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now

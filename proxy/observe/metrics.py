@@ -92,6 +92,24 @@ EJECTIONS = Counter(
 )
 RETRIES = Counter("pdproxy_retries", "Legs moved to another backend after a failure.", ["leg"])
 FALLBACKS = Counter("pdproxy_fallbacks", "Requests not served stitched, by reason.", ["reason"])
+STREAM_MOVES = Counter(
+    "pdproxy_stream_moves",
+    "Streamed answers continued on another decode instance, by reason (failure, drain, "
+    "rebalance) and how (kv: the KV moved with it; recompute: the instance recomputed it; "
+    "failed: the stream ended with an error event).",
+    ["reason", "kind"],
+)
+STREAM_MOVE_PAUSE = Histogram(
+    "pdproxy_stream_move_pause_seconds",
+    "Gap the client saw at a move: from the last token of the old decode instance to the "
+    "first of the new one.",
+    ["kind"],
+    buckets=TOKEN_GAP_BUCKETS,
+)
+STREAM_MOVE_KV_TOKENS = Counter(
+    "pdproxy_stream_move_kv_tokens",
+    "Tokens whose KV moved with a stream (the new instance pulled them instead of recomputing).",
+)
 KV_RELEASES = Counter(
     "pdproxy_kv_releases", "Explicit releases of P's held KV, by outcome.", ["outcome"]
 )

@@ -28,9 +28,10 @@ from ..fleet.backends import DECODE, PREFILL, Instance, Occupied, Pool, Registry
 from ..fleet.routing import RouteContext, make_router
 from ..observe.metrics import KV_RELEASES, RETRIES, RequestRecord
 from ..settings import PoolDownPolicy, Settings
+from ..wire.kv_params import with_migration_key
 from .held_kv import HeldKV
 from .legs import EventStream, LegError, call_json
-from .plan import Plan, decode_body, prefill_body, stitched_body
+from .plan import Plan, continuation_body, decode_body, prefill_body
 from .stitch import PrefillResult, parse_prefill
 from .vocabulary import COMPLETIONS, ENDPOINTS, Mode
 
@@ -140,14 +141,17 @@ class Dispatcher:
     # --- decode -----------------------------------------------------------------------
 
     def decode_request(
-        self, plan: Plan, p: PrefillResult, mode: Mode
+        self, plan: Plan, p: PrefillResult, mode: Mode, key: str | None = None
     ) -> tuple[str, dict[str, Any]]:
+        """D's request on P's KV; ``key`` names it to D's connector, so that the stream
+        can later move elsewhere with its KV."""
+        kv_params = with_migration_key(p.kv_params, key) if key else p.kv_params
         if mode == Mode.STITCHED:
             model = p.raw.get("model") or plan.body.get("model") or ""
-            return ENDPOINTS[COMPLETIONS], stitched_body(
-                plan, model, p.prompt_token_ids, p.first_token, p.kv_params
+            return ENDPOINTS[COMPLETIONS], continuation_body(
+                plan, model, p.prompt_token_ids, p.token_ids, kv_params
             )
-        return ENDPOINTS[plan.kind], decode_body(plan, p.kv_params)
+        return ENDPOINTS[plan.kind], decode_body(plan, kv_params)
 
     async def decode_whole(
         self,
@@ -192,10 +196,11 @@ class Dispatcher:
         record: RequestRecord,
         headers: dict[str, str],
         deadline: float,
+        key: str | None = None,
     ) -> tuple[EventStream, Instance]:
         """D's stream, opened until its first event (D then has the KV), on whichever
         D answers first; P's KV is released if none does."""
-        path, body = self.decode_request(plan, p, mode)
+        path, body = self.decode_request(plan, p, mode, key)
         try:
             opened = await self.open_stream(
                 record, path, body, headers, deadline, plan.estimated_tokens
@@ -214,7 +219,11 @@ class Dispatcher:
         headers: dict[str, str],
         deadline: float,
         tokens: int,
+        ctx: RouteContext | None = None,
+        first: bool = True,
     ) -> tuple[EventStream, Instance]:
+        """A decode-side stream opened until its first event; ``first`` for the answer's
+        first leg (it marks the hand-off's end)."""
         settings = self.settings
 
         async def attempt(
@@ -228,8 +237,9 @@ class Dispatcher:
             )  # fmt: skip
             return stream, inst
 
-        result = await self.on_instances(DECODE, record, attempt, headers, tokens)
-        record.decode_first_byte = time.perf_counter()
+        result = await self.on_instances(DECODE, record, attempt, headers, tokens, ctx)
+        if first:
+            record.decode_first_byte = time.perf_counter()
         return result
 
     # --- releases of P's held KV --------------------------------------------------------

@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..errors import ProxyError
 from ..fleet.backends import DECODE, PREFILL, Instance, Registry
+from ..fleet.live import LiveStreams
 from ..observe.metrics import FALLBACKS, RequestRecord
 from ..observe.tracing import Tracing
 from ..settings import PoolDownPolicy, Settings
@@ -39,8 +40,8 @@ from .dispatch import Dispatcher
 from .legs import call_json
 from .plan import Plan, plan_request, straddles_stop
 from .responses import EventStreamResponse
+from .session import DecodeSession, colocated_body
 from .stitch import PrefillResult, as_stream, fix_decode_answer, merge_stitched, prefill_only_answer
-from .streams import DecodeLeg, decode_stream, relay_stream
 from .vocabulary import CHAT, ENDPOINTS, Mode
 
 log = logging.getLogger("pdproxy")
@@ -100,12 +101,17 @@ class Gateway:
     """Serves generation requests: the P/D request path."""
 
     def __init__(
-        self, settings: Settings, registry: Registry, tracing: Tracing | None = None
+        self,
+        settings: Settings,
+        registry: Registry,
+        tracing: Tracing | None = None,
+        live: LiveStreams | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.tracing = tracing or Tracing(None)
         self.dispatch = Dispatcher(settings, registry)
+        self.live = live or LiveStreams()
 
     async def generate(self, request: Request, kind: str) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -146,20 +152,27 @@ class Gateway:
 
             # 4 and 5. Decode on P's KV, and answer.
             if plan.stream:
-                opened = None
+                session = DecodeSession(
+                    self.dispatch, self.live, plan, p, held, mode, record, backend_headers, deadline
+                )
                 if mode == Mode.DECODE:
                     # Nothing is sent before D's first event anyway, so wait for it here:
                     # a decode-side 4xx then reaches the client as a real HTTP status.
-                    opened = await until_disconnect(
+                    session.opened = await until_disconnect(
                         request,
                         self.dispatch.open_decode_stream(
-                            plan, p, held, mode, record, backend_headers, deadline
+                            plan,
+                            p,
+                            held,
+                            mode,
+                            record,
+                            backend_headers,
+                            deadline,
+                            session.leg_key(),
                         ),
                     )
-                leg = DecodeLeg(self.dispatch, p, held, opened)
-                body = decode_stream(leg, plan, mode, record, backend_headers, deadline)
                 return EventStreamResponse(
-                    body, headers=headers, background=BackgroundTask(leg.cleanup)
+                    session.body(), headers=headers, background=BackgroundTask(session.cleanup)
                 )
             d = await until_disconnect(
                 request,
@@ -233,14 +246,23 @@ class Gateway:
         headers = {**headers, "x-pdproxy-mode": Mode.COLOCATED, "x-pdproxy-fallback": reason}
         path = ENDPOINTS[plan.kind]
         if plan.stream:
-            stream, inst = await until_disconnect(
+            session = DecodeSession(
+                self.dispatch, self.live, plan, None, None, Mode.COLOCATED, record,
+                backend_headers, deadline,
+            )  # fmt: skip
+            session.opened = await until_disconnect(
                 request,
                 self.dispatch.open_stream(
-                    record, path, plan.body, backend_headers, deadline, plan.estimated_tokens
+                    record,
+                    path,
+                    colocated_body(plan, session.leg_key()),
+                    backend_headers,
+                    deadline,
+                    plan.estimated_tokens,
                 ),
             )
             return EventStreamResponse(
-                relay_stream(stream, inst, record, plan.estimated_tokens), headers=headers
+                session.body(), headers=headers, background=BackgroundTask(session.cleanup)
             )
         loop = asyncio.get_running_loop()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .kv_params import release_target
+from ..wire.kv_params import release_target
 
 
 class HeldKV:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import bad_request
-from .kv_params import prefill_params
+from ..wire.kv_params import prefill_params
 from .vocabulary import CHAT, COMPLETIONS
 
 # Completions' protocol default when max_tokens is absent or null (vLLM and OpenAI).
@@ -384,6 +384,7 @@ def decode_body(plan: Plan, kv_params: dict[str, Any] | None) -> dict[str, Any]:
     body = dict(plan.body)
     if kv_params is not None:
         body["kv_transfer_params"] = kv_params
+    body["return_token_ids"] = True  # the proxy tracks every token it forwards
     if plan.stream:
         # Usage is always asked for: the proxy needs it for accounting; it is dropped
         # again if the client did not ask.
@@ -393,27 +394,30 @@ def decode_body(plan: Plan, kv_params: dict[str, Any] | None) -> dict[str, Any]:
     return body
 
 
-def stitched_body(
+def continuation_body(
     plan: Plan,
     model: str,
     prompt_token_ids: list[int],
-    first_token: int,
+    sent: list[int],
     kv_params: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """D continues after P's token: a token-id completion request, one token shorter.
+    """A leg that continues the answer after the tokens ``sent`` (P's token when
+    stitched; every token forwarded when the answer moves to another instance): a
+    token-id completion request, as many tokens shorter.
 
-    Without ``kv_params`` (P runs no connector) D computes the prompt itself; the
-    answer is the same, only slower.
+    Without ``kv_params`` the instance computes the whole prompt itself; the answer
+    is the same, only slower.
     """
     body = {key: value for key, value in plan.body.items() if key not in _PROMPT_KEYS}
     body["model"] = model
-    body["prompt"] = [*prompt_token_ids, first_token]
+    body["prompt"] = [*prompt_token_ids, *sent]
     if plan.max_tokens is not None:
-        body["max_tokens"] = plan.max_tokens - 1
+        body["max_tokens"] = plan.max_tokens - len(sent)
     else:
         body.pop("max_tokens", None)
-    body["min_tokens"] = max(plan.min_tokens - 1, 0)
+    body["min_tokens"] = max(plan.min_tokens - len(sent), 0)
     body["n"] = 1
+    body["return_token_ids"] = True
     if kv_params is not None:
         body["kv_transfer_params"] = kv_params
     if plan.kind == CHAT:

@@ -1,6 +1,6 @@
 """The proxy and the connector speak the same ``kv_transfer_params``.
 
-Each side names its keys once (``proxy/serve/kv_params.py``, ``engine_ext/params.py``);
+Each side names its keys once (``proxy/wire/kv_params.py``, ``engine_ext/params.py``);
 here the connector's real output goes through the proxy's readers, and the proxy's
 real prefill request through the connector, so a renamed key on either side fails."""
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from engine_ext import params as connector_params
 from proxy.serve.held_kv import HeldKV
-from proxy.serve.kv_params import release_target
 from proxy.serve.plan import plan_request, prefill_body
 from proxy.serve.vocabulary import COMPLETIONS
+from proxy.wire.kv_params import release_target
 from tests.unit.connector.test_scheduler import make_scheduler, request
 
 

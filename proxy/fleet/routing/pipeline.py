@@ -25,6 +25,7 @@ class RouteContext:
     prefix_key: bytes = b""  # the prompt's first characters, for prefix affinity
     tokens: int = 0  # estimated prompt tokens
     exclude: set[str] = field(default_factory=set)  # URLs already tried for this request
+    prefer: str | None = None  # this URL, if it passes the filters (a move's destination)
 
 
 Filter = Callable[[list[Instance], RouteContext], list[Instance]]
@@ -79,6 +80,10 @@ class Router:
         remaining = self.candidates(instances, ctx)
         if not remaining:
             return None
+        if ctx.prefer is not None:
+            for inst in remaining:
+                if inst.url == ctx.prefer:
+                    return inst
         return self.picker(remaining, self.scorer(remaining, ctx))
 
 

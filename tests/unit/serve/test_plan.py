@@ -2,10 +2,10 @@ import pytest
 
 from proxy.errors import ProxyError
 from proxy.serve.plan import (
+    continuation_body,
     decode_body,
     plan_request,
     prefill_body,
-    stitched_body,
     straddles_stop,
 )
 from proxy.serve.vocabulary import CHAT, COMPLETIONS
@@ -151,7 +151,7 @@ def test_decode_body_keeps_the_request_and_asks_for_usage():
     assert body["vllm_custom_field"] == 1 and body["seed"] == 5
 
 
-def test_stitched_body_continues_after_the_first_token():
+def test_continuation_body_continues_after_the_tokens_sent():
     p = plan(
         kind=CHAT,
         max_tokens=10,
@@ -161,16 +161,20 @@ def test_stitched_body_continues_after_the_first_token():
         chat_template_kwargs={"a": 1},
         unknown_knob=True,
     )
-    body = stitched_body(p, "m", [1, 2, 3], 42, {"transfer_id": "t"})
+    body = continuation_body(p, "m", [1, 2, 3], [42], {"transfer_id": "t"})
     assert body["prompt"] == [1, 2, 3, 42]
     assert body["max_tokens"] == 9 and body["min_tokens"] == 2
+    assert body["return_token_ids"] is True  # the proxy tracks every token sent
+    later = continuation_body(p, "m", [1, 2, 3], [42, 43, 44, 45], None)
+    assert later["prompt"] == [1, 2, 3, 42, 43, 44, 45]
+    assert later["max_tokens"] == 6 and later["min_tokens"] == 0
     assert body["stop"] == ["\n"] and body["top_k"] == 5 and body["unknown_knob"] is True
     assert (
         "messages" not in body
         and "chat_template_kwargs" not in body
         and "max_completion_tokens" not in body
     )
-    unlimited = stitched_body(plan(kind=CHAT), "m", [1], 2, None)
+    unlimited = continuation_body(plan(kind=CHAT), "m", [1], [2], None)
     assert "max_tokens" not in unlimited and "kv_transfer_params" not in unlimited
 
 

@@ -15,6 +15,7 @@ CONSUMERS = "consumers"  # prefill leg: how many decode requests will pull it
 TRANSFER_ID = "transfer_id"  # P's answer: the held transfer
 REMOTE_HOST = "remote_host"  # P's answer: the connector's address
 CONTROL_PORT = "control_port"  # P's answer: the connector's control plane (releases)
+MIGRATION_KEY = "migration_key"  # a decode leg: the proxy may move it with its KV
 
 
 def prefill_params(consumers: int) -> dict[str, Any]:
@@ -44,3 +45,8 @@ def release_target(params: dict[str, Any] | None) -> tuple[str, str] | None:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # an IPv6 literal
     return f"http://{host}:{port}", str(transfer_id)
+
+
+def with_migration_key(params: dict[str, Any] | None, key: str) -> dict[str, Any]:
+    """A decode leg's params: P's (if any) plus the key its connector knows it by."""
+    return {**(params or {}), MIGRATION_KEY: key}

@@ -1,0 +1,99 @@
+"""One move of a streamed answer to another decode instance, with its KV.
+
+The source's connector holds a running request's KV when the proxy has *armed* it and
+then ends it (``engine_ext/migrations.py``). A :class:`Migration` owns that from the
+arming to the moment the destination took the KV: arm the source's request, let the
+caller close the source's stream at a token boundary, collect the params that name the
+held KV, and hand them to the continuation; if no destination takes them, release them
+(the source's lease frees them anyway, later). Whatever fails on the way — the source
+has no connector, the request ended first, the source died — the move continues by
+recomputing instead: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..errors import ProxyError
+from ..fleet.backends import Instance
+from ..settings import Settings
+from .held_kv import HeldKV
+from .legs import call_json
+
+log = logging.getLogger("pdproxy.migration")
+
+
+class Migration:
+    def __init__(self, dispatcher: Any, source: Instance, key: str, settings: Settings) -> None:
+        self.dispatcher = dispatcher
+        self.source = source
+        self.key = key
+        self.settings = settings
+        self.armed = False
+        self.held: HeldKV | None = None
+        self.kv_params: dict[str, Any] | None = None
+
+    async def _post(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        return await call_json(
+            self.dispatcher.registry.http,
+            Instance(self.source.connector or ""),
+            "migration",
+            path,
+            body,
+            {},
+            timeout,
+        )
+
+    async def arm(self) -> bool:
+        """Ask the source to hold the request's KV when its stream ends."""
+        if not self.source.connector:
+            return False
+        lease = self.settings.first_byte_timeout + self.settings.migration_timeout
+        try:
+            answer = await self._post(
+                "/pd/hold",
+                {"key": self.key, "lease_seconds": lease},
+                self.settings.migration_timeout,
+            )
+        except ProxyError as exc:
+            log.warning("could not arm a move at %s: %s", self.source.url, exc.message)
+            return False
+        self.armed = bool(answer.get("armed"))
+        return self.armed
+
+    async def collect(self) -> dict[str, Any] | None:
+        """After the source's stream was closed: the params that name its held KV."""
+        if not self.armed:
+            return None
+        try:
+            answer = await self._post(
+                "/pd/held",
+                {"key": self.key, "wait_seconds": self.settings.migration_timeout},
+                self.settings.migration_timeout + self.settings.connect_timeout,
+            )
+        except ProxyError as exc:
+            log.warning("no KV from %s for a move: %s", self.source.url, exc.message)
+            return None
+        if answer.get("outcome") != "held" or not isinstance(
+            answer.get("kv_transfer_params"), dict
+        ):
+            log.info("move from %s recomputes: %s", self.source.url, answer.get("outcome"))
+            return None
+        self.kv_params = answer["kv_transfer_params"]
+        self.held = HeldKV(self.kv_params, self.dispatcher.post_release)
+        return self.kv_params
+
+    def taken(self) -> None:
+        """The destination's first event came: it has the KV."""
+        if self.held is not None:
+            self.held.taken()
+
+    def release(self) -> None:
+        """No destination took the KV: free it at the source now."""
+        if self.held is not None:
+            self.held.release()
+
+    @property
+    def tokens(self) -> int:
+        return int((self.kv_params or {}).get("remote_num_tokens") or 0)

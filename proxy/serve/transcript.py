@@ -1,0 +1,56 @@
+"""What a streamed answer has sent the client so far, token by token.
+
+The decode legs are asked for ``return_token_ids`` (the ids are stripped again unless
+the client asked for them), so the proxy knows every output token it forwarded. That
+is what lets the answer continue on another decode instance: the continuation's prompt
+is the prompt's token ids plus every token sent, and nothing is repeated or lost.
+
+A continuation must start where the text sent so far ends on a character boundary:
+byte-level tokenizers split a character's bytes across tokens, vLLM sends ``""`` for
+a token that ends inside one, and an engine given a prompt that ends inside a character
+would emit the wrong text for it. ``boundary`` is how many of the tokens sent end on
+one (the same rule the stitched seam uses: a token whose text was not empty).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TAIL_CHARS = 256  # output text kept for checking stop strings across a continuation
+
+
+@dataclass
+class Transcript:
+    prompt_ids: list[int] | None = None  # the prompt's token ids (None: not known)
+    ids: list[int] = field(default_factory=list)  # output tokens sent
+    boundary: int = 0  # tokens sent up to the last one whose text completed
+    text_len: int = 0  # characters of output text sent (logprob offsets continue there)
+    tail: str = ""  # the last TAIL_CHARS characters of output text sent
+    base: dict[str, Any] = field(default_factory=dict)  # id, created, model, fingerprint
+    finish_reason: str | None = None
+    prompt_tokens_details: dict[str, Any] | None = None
+
+    def add(self, ids: list[int] | None, text: str | None) -> None:
+        """A chunk forwarded to the client: its tokens and their text."""
+        if ids:
+            self.ids.extend(ids)
+        if text:
+            self.boundary = len(self.ids)
+            self.text_len += len(text)
+            self.tail = (self.tail + text)[-TAIL_CHARS:]
+
+    def set_base(self, chunk: dict[str, Any]) -> None:
+        """The client's stream identity, from its first chunk (decode mode: D's)."""
+        if not self.base:
+            self.base = {k: chunk.get(k) for k in ("id", "created", "model")}
+            if chunk.get("system_fingerprint") is not None:
+                self.base["system_fingerprint"] = chunk["system_fingerprint"]
+
+    @property
+    def at_boundary(self) -> bool:
+        return self.boundary == len(self.ids)
+
+    @property
+    def resumable(self) -> bool:
+        return self.prompt_ids is not None

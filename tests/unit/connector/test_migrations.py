@@ -1,0 +1,87 @@
+"""Live migration's source side: an armed running request's KV is held when it ends."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+from vllm.v1.request import RequestStatus
+
+from engine_ext.migrations import MigrationTable
+
+from .test_scheduler import make_scheduler, request
+
+
+def running(sched, rid="d1", key="k1", prompt_len=10):
+    """A decode request (no remote KV) the proxy may move: vLLM schedules it."""
+    req = request(rid, {"migration_key": key}, prompt_len=prompt_len, computed=0)
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    return req
+
+
+def test_an_armed_request_that_is_aborted_holds_its_kv_for_the_next_engine():
+    sched = make_scheduler()
+    req = running(sched)
+    assert sched.arm_migration("k1", lease_seconds=5)
+    req.status, req.num_computed_tokens = RequestStatus.FINISHED_ABORTED, 13  # 10 + 3 output
+    hold, params = sched.request_finished(req, [5, 6, 7, 8, 9])
+    assert hold and params["remote_num_tokens"] == 13
+    assert params["remote_block_ids"] == [5, 6, 7, 8]  # ceil(13 / 4) blocks hold 13 tokens
+    outcome = sched.collect_migration("k1", 0)
+    assert outcome == {"outcome": "held", "kv_transfer_params": params}
+    meta = sched.build_connector_meta(type("Out", (), {"total_num_scheduled_tokens": 1})())
+    assert [(s.transfer_id, s.consumers) for s in meta.sends] == [(params["transfer_id"], 1)]
+    assert sched.leases.next_deadline() - time.monotonic() <= 5
+
+
+def test_a_request_that_ends_normally_first_is_not_held():
+    sched = make_scheduler()
+    req = running(sched)
+    assert sched.arm_migration("k1", None)
+    req.status = RequestStatus.FINISHED_STOPPED
+    assert sched.request_finished(req, [5, 6, 7]) == (False, None)
+    assert sched.collect_migration("k1", 0)["outcome"] == "finished"
+    assert len(sched.leases) == 0
+
+
+def test_unarmed_and_unknown_keys():
+    sched = make_scheduler()
+    req = running(sched)
+    assert not sched.arm_migration("other", None)  # not running here
+    req.status = RequestStatus.FINISHED_ABORTED
+    assert sched.request_finished(req, [5, 6]) == (False, None)  # not armed: freed
+    assert sched.collect_migration("k1", 0) is None
+    assert not sched.arm_migration("k1", None)  # ended: too late
+
+
+def test_collect_waits_for_the_request_to_end():
+    table = MigrationTable()
+    table.started("k", "r")
+    assert table.arm("k", None)
+    threading.Timer(0.2, lambda: (table.ended("k"), table.record("k", {"outcome": "x"}))).start()
+    start = time.monotonic()
+    assert table.collect("k", 5) == {"outcome": "x"}
+    assert 0.15 < time.monotonic() - start < 2
+    assert table.collect("k", 0.1) is None  # collected once
+
+
+def test_control_plane_arms_and_collects():
+    sched = make_scheduler(control_port=0)
+    try:
+        base = f"http://127.0.0.1:{sched.control_port}"
+        req = running(sched)
+        assert httpx.post(base + "/pd/hold", json={"key": "nope"}).json() == {"armed": False}
+        assert httpx.post(base + "/pd/hold", json={"key": "k1", "lease_seconds": 3}).json() == {
+            "armed": True
+        }
+        bad = httpx.post(base + "/pd/hold", json={"key": 5})
+        assert bad.status_code == 400
+        pending = httpx.post(base + "/pd/held", json={"key": "k1", "wait_seconds": 0.05})
+        assert pending.json() == {"outcome": "pending"}
+        req.status, req.num_computed_tokens = RequestStatus.FINISHED_ABORTED, 11
+        sched.request_finished(req, [5, 6, 7])
+        held = httpx.post(base + "/pd/held", json={"key": "k1", "wait_seconds": 1}).json()
+        assert held["outcome"] == "held" and held["kv_transfer_params"]["remote_num_tokens"] == 11
+    finally:
+        sched.shutdown()
