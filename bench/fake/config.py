@@ -67,4 +67,5 @@ def new_stats() -> dict[str, Any]:
         "kv_release_unknown": 0,  # release of an id not held (any more)
         "kv_pulled": 0,  # decode legs (in this process) that named a held transfer
         "kv_expired": 0,
+        "kv_migrations_held": 0,  # running generations whose KV was held for a move
     }

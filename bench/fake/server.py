@@ -107,6 +107,9 @@ class FakeEngine:
         self.ids_json = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
         self._held: dict[str, float] = {}
+        self._running_keys: dict[str, _Gen] = {}  # migration key -> its generation
+        self._armed: set[str] = set()  # keys the proxy asked to hold when they end
+        self._outcomes: dict[str, dict[str, Any]] = {}  # what became of armed keys
         self._fault_seen = 0  # matching requests seen since the fault was set (flap, fault_times)
         self.recent: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=self.config.keep_requests
@@ -228,6 +231,25 @@ class FakeEngine:
 
     # --- KV leases --------------------------------------------------------------------
 
+    # --- live migration: the connector's /pd/hold and /pd/held --------------------------
+
+    def _migration_started(self, key: str, gen: _Gen) -> None:
+        self._running_keys[key] = gen
+
+    def _migration_ended(self, key: str, gen: _Gen, completed: bool) -> None:
+        """A generation with a migration key ended: hold its KV if the proxy armed it."""
+        if self._running_keys.get(key) is gen:
+            del self._running_keys[key]
+        if key not in self._armed:
+            return
+        self._armed.discard(key)
+        if completed:
+            self._outcomes[key] = {"outcome": "finished", "reason": "completed"}
+            return
+        tokens = len(gen.req.prompt_ids) + len(gen.tokens)
+        self._outcomes[key] = {"outcome": "held", "kv_transfer_params": self._kv_params(tokens)}
+        self._stats["kv_migrations_held"] += 1
+
     def _issue_transfer(self) -> str:
         transfer_id = f"fake-{self._id_prefix}-{next(self.ids_json)}"
         expiry = time.monotonic() + self.config.kv_lease_s
@@ -270,6 +292,7 @@ class FakeEngine:
             "remote_port": self.port,
             "control_port": self.port,
             "remote_block_ids": list(range(1, 1 + (prompt_tokens + 127) // 128)),
+            "remote_num_tokens": prompt_tokens,
             "tp_size": 1,
             "remote_prefill_cached_tokens": self.config.cached_tokens,
         }
@@ -459,6 +482,21 @@ class _Conn(asyncio.Protocol):
                 )
             released = engine._release(transfer_id)
             return self.write_simple(200, dumps({"released": released}), keep_alive=keep_alive)
+        if path in ("/pd/hold", "/pd/held"):
+            try:
+                request = loads(body)
+                key = str(request["key"])
+            except (ValueError, KeyError, TypeError):
+                return self.write_simple(
+                    400, error_json(400, 'body must be {"key": ...}'), keep_alive=keep_alive
+                )
+            if path == "/pd/hold":
+                armed = key in engine._running_keys
+                if armed:
+                    engine._armed.add(key)
+                return self.write_simple(200, dumps({"armed": armed}), keep_alive=keep_alive)
+            deadline = time.monotonic() + float(request.get("wait_seconds") or 0)
+            return self._answer_held(key, deadline, keep_alive)
         if path == "/fake/stats":
             return self.write_simple(200, dumps(engine.stats()), keep_alive=keep_alive)
         if path == "/fake/config":
@@ -474,6 +512,18 @@ class _Conn(asyncio.Protocol):
             engine.reset_stats()
             return self.write_simple(200, b"{}", keep_alive=keep_alive)
         return self.write_simple(404, error_json(404, f"no route {path}"), keep_alive=keep_alive)
+
+    def _answer_held(self, key: str, deadline: float, keep_alive: bool) -> None:
+        """POST /pd/held: the outcome of an armed migration, once there is one."""
+        engine = self.engine
+        outcome = engine._outcomes.pop(key, None)
+        if outcome is None and key in engine._armed and time.monotonic() < deadline:
+            asyncio.get_running_loop().call_later(
+                0.005, self._answer_held, key, deadline, keep_alive
+            )
+            return
+        answer = outcome or {"outcome": "pending" if key in engine._armed else "unknown"}
+        self.write_simple(200, dumps(answer), keep_alive=keep_alive)
 
     def _generation(self, endpoint: str, raw: bytes, keep_alive: bool) -> None:
         engine = self.engine
@@ -670,6 +720,9 @@ class _Gen:
     def begin(self) -> None:
         engine = self.conn.engine
         stats = engine._stats
+        key = self.req.kv.get("migration_key")
+        if isinstance(key, str):
+            engine._migration_started(key, self)
         stats["in_flight"] += 1
         stats["max_in_flight"] = max(stats["max_in_flight"], stats["in_flight"])
         self.started = True
@@ -759,10 +812,14 @@ class _Gen:
         self._complete()
 
     def _finish_counters(self, completed: bool) -> None:
-        stats = self.conn.engine._stats
+        engine = self.conn.engine
+        stats = engine._stats
         stats["in_flight"] -= 1
         if completed:
             stats["completed"] += 1
+        key = self.req.kv.get("migration_key")
+        if isinstance(key, str):
+            engine._migration_ended(key, self, completed)
 
     def _complete(self) -> None:
         self.done = True

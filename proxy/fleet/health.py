@@ -22,6 +22,7 @@ import httpx
 
 from ..observe.metrics import BACKEND_ERRORS, EJECTIONS, HEALTHY
 from ..settings import Settings
+from . import connectors
 from .backends import DECODE, PREFILL, Instance, Registry
 
 log = logging.getLogger("pdproxy.health")
@@ -46,6 +47,16 @@ def record_failure(inst: Instance, leg: str, settings: Settings) -> None:
             settings.eject_seconds,
             inst.consecutive_failures,
         )
+
+
+def eject(inst: Instance, settings: Settings) -> None:
+    """Take an instance out of rotation now (nothing listens there); health checks
+    re-admit it once it answers again."""
+    now = time.monotonic()
+    if inst.ejected_until <= now:
+        EJECTIONS.labels(inst.url).inc()
+        log.warning("ejected %s for %.0fs: unreachable", inst.url, settings.eject_seconds)
+    inst.ejected_until = now + settings.eject_seconds
 
 
 def record_success(inst: Instance) -> None:
@@ -128,6 +139,9 @@ class HealthMonitor:
             await self._refresh_models(inst, headers)
         if healthy:
             await self._refresh_load(inst, headers)
+            if inst.connector is None and inst in self.registry.decode.instances:
+                # Streams leave a decode instance with their KV through its connector.
+                await connectors.probe(self._client, inst, headers)
         if healthy != inst.healthy:
             log.warning("%s is now %s", inst.url, "healthy" if healthy else "unhealthy")
             if healthy:

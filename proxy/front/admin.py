@@ -87,10 +87,15 @@ async def remove_instance(request: Request) -> Response:
 
 @router.post("/instances/drain")
 async def drain_instance(request: Request) -> Response:
-    """Keep the instance listed but send it nothing new (``"draining": false`` undoes it)."""
+    """Keep the instance listed but send it nothing new (``"draining": false`` undoes it);
+    with PDPROXY_MIGRATE_ON_DRAIN, its live streams move to other decode instances."""
     _authorize(request)
     role, url = await _target(request)
     body = await request.json()
-    if not request.app.state.membership.drain(url, bool(body.get("draining", True))):
+    draining = bool(body.get("draining", True))
+    if not request.app.state.membership.drain(url, draining):
         raise ProxyError(404, f"{url} is not a known instance")
-    return JSONResponse({"url": url, "draining": bool(body.get("draining", True))})
+    moving = 0
+    if draining and request.app.state.gateway.settings.migrate_on_drain:
+        moving = request.app.state.live.move_all(url, "drain")
+    return JSONResponse({"url": url, "draining": draining, "moving_streams": moving})

@@ -20,7 +20,9 @@ from starlette.types import Receive, Scope, Send
 from ..errors import ProxyError, error_body
 from ..fleet.backends import Registry
 from ..fleet.health import HealthMonitor
+from ..fleet.live import LiveStreams
 from ..fleet.membership import Membership
+from ..fleet.rebalance import Rebalancer
 from ..fleet.routing import RouteContext
 from ..observe.metrics import render
 from ..observe.tracing import Tracing
@@ -112,22 +114,27 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = Registry(settings)
-        gateway = Gateway(settings, registry, tracing)
+        live = LiveStreams()
+        gateway = Gateway(settings, registry, tracing, live)
+        rebalancer = Rebalancer(settings, registry, live)
         canary_client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=proxy_app), base_url="http://pdproxy"
         )
         health = HealthMonitor(settings, registry, lambda: _canary(canary_client, registry))
         membership = Membership(settings, registry)
         app.state.registry, app.state.gateway, app.state.monitor = registry, gateway, health
-        app.state.membership = membership
+        app.state.membership, app.state.live = membership, live
         if settings.discovery_interval:
             await membership.refresh()
         membership.start()
         if monitor:
             health.start()
+        if settings.rebalance:
+            rebalancer.start()
         try:
             yield
         finally:
+            await rebalancer.stop()
             await membership.stop()
             await health.stop()
             await gateway.dispatch.drain()

@@ -23,14 +23,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ..errors import ProxyError
-from ..fleet import health
+from ..fleet import connectors, health
 from ..fleet.backends import DECODE, PREFILL, Instance, Occupied, Pool, Registry
 from ..fleet.routing import RouteContext, make_router
 from ..observe.metrics import KV_RELEASES, RETRIES, RequestRecord
 from ..settings import PoolDownPolicy, Settings
-from ..wire.kv_params import with_migration_key
+from ..wire.kv_params import with_migration_key, without_pull
 from .held_kv import HeldKV
-from .legs import EventStream, LegError, call_json
+from .legs import EventStream, LegError, PoolUnreachable, call_json
 from .plan import Plan, continuation_body, decode_body, prefill_body
 from .stitch import PrefillResult, parse_prefill
 from .vocabulary import COMPLETIONS, ENDPOINTS, Mode
@@ -70,8 +70,11 @@ class Dispatcher:
         )
         ctx = ctx or RouteContext(tokens=tokens)
         last_error: LegError | None = None
-        for number in range(attempts):
+        unreachable: list[Instance] = []
+        for number in range(attempts + 1):
             pool = self.registry.prefill if leg == PREFILL else self.decode_pool()
+            if number == attempts and not (leg == DECODE and pool is self.registry.prefill):
+                break  # the extra round is for a decode pool that just proved gone
             inst = router.pick(pool.instances, ctx)
             if inst is None:
                 break
@@ -88,10 +91,18 @@ class Dispatcher:
                 if not error.retryable:
                     raise
                 health.record_failure(inst, leg, self.settings)
+                if error.unreachable:
+                    unreachable.append(inst)
+                    health.eject(inst, self.settings)  # nothing listens: out at once
                 last_error = error
                 continue
             health.record_success(inst)
             return result
+        if last_error is not None and len(unreachable) == len(ctx.exclude):
+            # Every instance tried is gone. A decode leg took the pool-down policy in
+            # the extra round above (decode_pool); the caller applies it to a prefill.
+            if leg == PREFILL:
+                raise PoolUnreachable(last_error)
         raise last_error or ProxyError(503, f"no healthy {leg} instance", leg=leg)
 
     def decode_pool(self) -> Pool:
@@ -105,6 +116,24 @@ class Dispatcher:
         ):
             return self.registry.decode
         return self.registry.prefill
+
+    def on_pool(self, pool: Pool, body: dict[str, Any]) -> dict[str, Any]:
+        """A decode leg's body for an instance of ``pool``: on a prefill instance (the
+        decode pool is gone) it pulls nothing and computes the prompt itself."""
+        if pool is not self.registry.prefill or "kv_transfer_params" not in body:
+            return body
+        body = dict(body, kv_transfer_params=without_pull(body["kv_transfer_params"]))
+        if body["kv_transfer_params"] is None:
+            del body["kv_transfer_params"]
+        return body
+
+    def settle(self, held: HeldKV, inst: Instance) -> None:
+        """After a decode leg opened: D took P's KV, or (a prefill instance standing in
+        for the decode pool) nobody will, so it is freed now."""
+        if inst in self.registry.prefill.instances:
+            held.release()
+        else:
+            held.taken()
 
     # --- prefill ----------------------------------------------------------------------
 
@@ -136,6 +165,7 @@ class Dispatcher:
         record.trace.end_leg(PREFILL)
         record.prefill_end = time.perf_counter()
         p = parse_prefill(plan.kind, raw, inst.url)
+        connectors.learn(inst, p.kv_params)  # where its KV holds are released and moved
         return p, inst, HeldKV(p.kv_params, self.post_release)
 
     # --- decode -----------------------------------------------------------------------
@@ -169,20 +199,27 @@ class Dispatcher:
 
         async def attempt(
             pool: Pool, inst: Instance, leg_headers: dict[str, str]
-        ) -> dict[str, Any]:
+        ) -> tuple[dict[str, Any], Instance]:
             timeout = max(deadline - loop.time(), 0.001)
-            return await call_json(
-                self.registry.http, inst, DECODE, path, body, leg_headers, timeout
+            answer = await call_json(
+                self.registry.http,
+                inst,
+                DECODE,
+                path,
+                self.on_pool(pool, body),
+                leg_headers,
+                timeout,
             )
+            return answer, inst
 
         try:
-            answer = await self.on_instances(
+            answer, inst = await self.on_instances(
                 DECODE, record, attempt, headers, plan.estimated_tokens
             )
         except BaseException:
             held.release()  # no D took the KV (or the client left): free it now
             raise
-        held.taken()
+        self.settle(held, inst)
         record.trace.end_leg(DECODE)
         record.decode_first_byte = record.first_token = time.perf_counter()
         return answer
@@ -208,7 +245,7 @@ class Dispatcher:
         except BaseException:
             held.release()
             raise
-        held.taken()
+        self.settle(held, opened[1])
         return opened
 
     async def open_stream(
@@ -230,7 +267,7 @@ class Dispatcher:
             pool: Pool, inst: Instance, leg_headers: dict[str, str]
         ) -> tuple[EventStream, Instance]:
             stream = await EventStream.open(
-                self.registry.http, inst, DECODE, path, body, leg_headers,
+                self.registry.http, inst, DECODE, path, self.on_pool(pool, body), leg_headers,
                 first_byte_timeout=settings.first_byte_timeout,
                 idle_timeout=settings.idle_timeout,
                 deadline=deadline,

@@ -37,7 +37,7 @@ from ..settings import PoolDownPolicy, Settings
 from ..wire.sse import DONE_EVENT
 from .disconnect import DisconnectWatch
 from .dispatch import Dispatcher
-from .legs import call_json
+from .legs import PoolUnreachable, call_json
 from .plan import Plan, plan_request, straddles_stop
 from .responses import EventStreamResponse
 from .session import DecodeSession, colocated_body
@@ -135,9 +135,20 @@ class Gateway:
                 )
 
             # 2. Prefill: P computes the prompt and one token, and holds the KV.
-            p, p_inst, held = await until_disconnect(
-                request, self.dispatch.prefill(plan, record, backend_headers)
-            )
+            try:
+                p, p_inst, held = await until_disconnect(
+                    request, self.dispatch.prefill(plan, record, backend_headers)
+                )
+            except PoolUnreachable as gone:
+                # The prefill pool died since the last health check: its policy applies
+                # to this request already, not from the next check on.
+                if self.settings.no_prefill_policy == PoolDownPolicy.fail:
+                    raise gone.error from None
+                if not self.registry.decode.available():
+                    raise gone.error from None
+                return await self._colocated(
+                    request, plan, record, headers, backend_headers, "no prefill instance", deadline
+                )
 
             # 3. Mode: was P's token the last one; can D continue exactly after it?
             mode, reason = self._choose_mode(plan, p, p_inst)

@@ -29,12 +29,24 @@ class _Silent(Exception):
         self.message = message
 
 
+class PoolUnreachable(Exception):
+    """Every instance tried for a leg was unreachable: its pool is gone, as far as this
+    request can tell (the pool-down policy applies to it at once)."""
+
+    def __init__(self, error: "LegError") -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class LegError(ProxyError):
     """A ProxyError from a backend call; ``retryable`` when another instance may help."""
 
-    def __init__(self, *args: Any, retryable: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, retryable: bool = False, unreachable: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.retryable = retryable
+        self.unreachable = unreachable  # nothing listens there (the connection was refused)
 
 
 def _backend_error(leg: str, inst: Instance, status: int, raw: bytes) -> LegError:
@@ -70,7 +82,11 @@ def _transport_error(
         )
     if isinstance(exc, HTTPError) and exc.connect:
         return LegError(
-            502, f"{leg} backend {inst.url} is unreachable: {exc}", leg=leg, retryable=True
+            502,
+            f"{leg} backend {inst.url} is unreachable: {exc}",
+            leg=leg,
+            retryable=True,
+            unreachable=True,
         )
     return LegError(
         502,

@@ -31,6 +31,7 @@ class Migration:
         self.key = key
         self.settings = settings
         self.armed = False
+        self.collected = False
         self.held: HeldKV | None = None
         self.kv_params: dict[str, Any] | None = None
 
@@ -49,6 +50,7 @@ class Migration:
         """Ask the source to hold the request's KV when its stream ends."""
         if not self.source.connector:
             return False
+        # Long enough for the destination to start its pull; freed as soon as it has.
         lease = self.settings.first_byte_timeout + self.settings.migration_timeout
         try:
             answer = await self._post(
@@ -64,8 +66,9 @@ class Migration:
 
     async def collect(self) -> dict[str, Any] | None:
         """After the source's stream was closed: the params that name its held KV."""
-        if not self.armed:
-            return None
+        if not self.armed or self.collected:
+            return self.kv_params
+        self.collected = True
         try:
             answer = await self._post(
                 "/pd/held",
@@ -93,6 +96,15 @@ class Migration:
         """No destination took the KV: free it at the source now."""
         if self.held is not None:
             self.held.release()
+
+    async def abandon(self) -> None:
+        """The move stopped half way (the client left, the destination failed): free
+        whatever the source holds for it now, collecting it first if need be, rather
+        than at its lease's end."""
+        try:
+            await self.collect()
+        finally:
+            self.release()
 
     @property
     def tokens(self) -> int:

@@ -198,7 +198,7 @@ class DecodeSession:
         itl = ITL.labels(record.endpoint)
         last = time.perf_counter()
         try:
-            async for batch in self.stream.batches():
+            async for batch in self._batches:
                 out = [chunk for chunk in map(writer.rewrite, batch) if chunk is not None]
                 if out:
                     now = time.perf_counter()
@@ -236,25 +236,25 @@ class DecodeSession:
         source, t = self.inst, self.transcript
         paused_at = self.last_sent
         migration = Migration(self.dispatcher, source, self.leg_key(), self.settings)
-        if reason != "failure":
-            await migration.arm()
-        await self._detach()  # closing the connection makes vLLM end the request there
-        kv_params = await migration.collect()
-        self.legs += 1
-        resumed_at = t.boundary
-        model = (self.p.raw.get("model") if self.p else None) or t.base.get("model") or ""
-        body = continuation_body(
-            self.plan,
-            model,
-            t.prompt_ids,
-            t.ids[:resumed_at],
-            with_migration_key(kv_params, self.leg_key()),
-        )
-        ctx = RouteContext(tokens=self.plan.estimated_tokens, prefer=target and target.url)
-        if source is not None:
-            ctx.exclude.add(source.url)
-        kind = "kv" if kv_params else "recompute"
         try:
+            if reason != "failure":
+                await migration.arm()
+            await self._detach()  # closing the connection makes vLLM end the request there
+            kv_params = await migration.collect()
+            self.legs += 1
+            resumed_at = t.boundary
+            model = (self.p.raw.get("model") if self.p else None) or t.base.get("model") or ""
+            body = continuation_body(
+                self.plan,
+                model,
+                t.prompt_ids,
+                t.ids[:resumed_at],
+                with_migration_key(kv_params, self.leg_key()),
+            )
+            ctx = RouteContext(tokens=self.plan.estimated_tokens, prefer=target and target.url)
+            if source is not None:
+                ctx.exclude.add(source.url)
+            kind = "kv" if kv_params else "recompute"
             opened = await self.dispatcher.open_stream(
                 self.record,
                 ENDPOINTS[COMPLETIONS],
@@ -266,7 +266,7 @@ class DecodeSession:
                 first=False,
             )
         except ProxyError as exc:
-            migration.release()
+            self.dispatcher.background(migration.abandon())
             STREAM_MOVES.labels(reason, "failed").inc()
             failure = self._failure if reason == "failure" else None
             if failure is None:
@@ -277,8 +277,8 @@ class DecodeSession:
                 f"{failure.message}; no other decode instance could continue: {exc.message}",
                 leg=DECODE,
             ) from exc
-        except BaseException:
-            migration.release()
+        except BaseException:  # the client left half way: free the source's KV now
+            self.dispatcher.background(migration.abandon())
             raise
         migration.taken()
         self._attach(*opened)
@@ -324,6 +324,9 @@ class DecodeSession:
 
     def _attach(self, stream: EventStream, inst: Instance) -> None:
         self.stream, self.inst, self._leg_open = stream, inst, True
+        # Kept: leaving the loop over it to move must not finalize it (which closes the
+        # connection) before the source's connector has been told to hold the KV.
+        self._batches = stream.batches()
         self._occupied = Occupied(inst, DECODE, self.plan.estimated_tokens).__enter__()
         self.live.attach(inst.url, self)
 

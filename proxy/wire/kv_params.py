@@ -50,3 +50,12 @@ def release_target(params: dict[str, Any] | None) -> tuple[str, str] | None:
 def with_migration_key(params: dict[str, Any] | None, key: str) -> dict[str, Any]:
     """A decode leg's params: P's (if any) plus the key its connector knows it by."""
     return {**(params or {}), MIGRATION_KEY: key}
+
+
+def without_pull(params: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A decode leg's params once it runs on a prefill instance (no decode instance is
+    left): nothing to pull, since that instance computes the prompt itself (its prefix
+    cache usually has it); only the migration key stays."""
+    if params and MIGRATION_KEY in params:
+        return {MIGRATION_KEY: params[MIGRATION_KEY]}
+    return None

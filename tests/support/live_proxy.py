@@ -16,13 +16,15 @@ from proxy.settings import Settings
 
 
 @contextlib.contextmanager
-def live_proxy(prefill: list[str], decode: list[str], **overrides) -> Iterator[str]:
+def live_proxy(
+    prefill: list[str], decode: list[str], monitor: bool = False, **overrides
+) -> Iterator[str]:
     port = free_port()
     settings = Settings(
         prefill_urls=prefill, decode_urls=decode, host="127.0.0.1", port=port, **overrides
     )
     config = uvicorn.Config(
-        create_app(settings, monitor=False),
+        create_app(settings, monitor=monitor),
         host="127.0.0.1",
         port=port,
         log_level="warning",

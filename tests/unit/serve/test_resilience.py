@@ -1,5 +1,8 @@
 """Pool-down policies, passive ejection and re-admission, against fake backends."""
 
+import asyncio
+import json
+
 import respx
 
 from proxy.fleet.backends import Instance, Registry
@@ -8,6 +11,18 @@ from proxy.settings import Settings
 from tests.support.proxy_harness import harness
 
 COMPLETION = {"model": "m", "prompt": "hello world", "max_tokens": 4, "temperature": 0}
+
+
+def same_answer(response, reference) -> bool:
+    """The same text as one colocated server's answer (whole or streamed)."""
+    return _text(response) == _text(reference)
+
+
+def _text(response) -> str:
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        events = [line[6:] for line in response.text.splitlines() if line.startswith("data: {")]
+        return "".join(c["text"] for e in events for c in json.loads(e).get("choices", []))
+    return response.json()["choices"][0]["text"]
 
 
 def down(h, role):
@@ -50,12 +65,49 @@ async def test_fail_fast_policies_answer_503_at_once():
         assert response.status_code == 503 and h.backends["p1"].calls == []
 
 
-async def test_every_instance_dead_is_a_bounded_error_not_a_hang():
+async def test_a_prefill_pool_gone_since_the_last_check_serves_colocated_at_once():
+    # Both P SIGKILLed between health checks: no request may see a 502 for it.
     async with harness(prefill=("p1", "p2"), decode=("d1",)) as h:
         await h.servers["p1"].stop()
         await h.servers["p2"].stop()
+        for number in range(20):
+            body = dict(COMPLETION, prompt=f"hello world {number}", stream=number % 2 == 1)
+            response = await h.client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            assert response.headers["x-pdproxy-fallback"] == "no prefill instance"
+            assert same_answer(response, await h.reference("/v1/completions", body))
+        assert not any(i.available() for i in h.app.state.registry.prefill.instances)
+        metrics = (await h.client.get("/metrics")).text
+        assert 'pdproxy_backend_ejections_total{backend="%s"}' % h.url("p1") in metrics
+
+
+async def test_a_decode_pool_gone_since_the_last_check_serves_on_the_prefill_instance():
+    async with harness() as h:
+        await h.servers["d1"].stop()
+        for stream in (False, True):
+            body = dict(COMPLETION, stream=stream)
+            response = await h.client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            assert same_answer(response, await h.reference("/v1/completions", body))
+        # P ran the whole answer from its own prompt, and its held KV was freed at once.
+        decode_legs = [c["body"] for c in h.backends["p1"].calls if c["body"]["max_tokens"] != 1]
+        assert decode_legs and all(
+            "transfer_id" not in (b.get("kv_transfer_params") or {}) for b in decode_legs
+        )
+        await asyncio.sleep(0.1)
+        assert len(h.releases) == 1  # the second request: the pool was known gone (colocated)
+
+
+async def test_every_backend_gone_is_a_bounded_502_not_a_hang():
+    async with harness(prefill=("p1", "p2"), decode=("d1",)) as h:
+        for name in ("p1", "p2", "d1"):
+            await h.servers[name].stop()
         response = await h.client.post("/v1/completions", json=COMPLETION)
-        assert response.status_code == 502
+        assert response.status_code == 502 and "unreachable" in response.json()["error"]["message"]
+    async with harness(no_prefill_policy="fail") as h:
+        await h.servers["p1"].stop()  # the policy says fail: the request fails, as it says
+        response = await h.client.post("/v1/completions", json=COMPLETION)
+        assert response.status_code == 502 and h.backends["d1"].calls == []
 
 
 async def test_failures_eject_and_4xx_never_does():
@@ -108,6 +160,12 @@ async def test_active_checks_eject_and_readmit():
         mock.get("http://d/metrics").respond(200, text="")
         mock.get("http://p/v1/models").respond(json={"data": [{"id": "m", "max_model_len": 2048}]})
         mock.get("http://d/v1/models").respond(json={"data": []})
+        # A decode instance's connector is asked where it listens (a one-token prefill).
+        probe = mock.post("http://d/v1/completions").respond(
+            json={"kv_transfer_params": {"remote_host": "10.0.0.9", "control_port": 5599,
+                                         "transfer_id": "t"}}
+        )  # fmt: skip
+        mock.post("http://10.0.0.9:5599/pd/release").respond(json={"released": True})
         await monitor.check_all()
         p, d = registry.prefill.instances[0], registry.decode.instances[0]
         assert p.healthy and not d.healthy
@@ -117,6 +175,7 @@ async def test_active_checks_eject_and_readmit():
         health_d.respond(200)
         await monitor.check_all()
         assert d.healthy and d.available()  # recovered: re-admitted
+        assert probe.called and d.connector == "http://10.0.0.9:5599"
         assert await monitor.run_canary() and monitor.ready
     await monitor.stop()
     await registry.aclose()
