@@ -106,7 +106,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--d-url")
     parser.add_argument("--d-control", help="D's control URL, to read /pd/stats")
     parser.add_argument("--log-dir", help="server logs (default: a temporary directory)")
-    parser.add_argument("--trace", action="store_true", help="PD_TRACE_FILE per server")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     procs = []
@@ -123,14 +122,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "zmq_port": connector_port(),
                 "control_port": connector_port(),
             }
-            env = {"PD_TRACE_FILE": str(log_dir / f"{name}.trace")} if args.trace else {}
             proc = servers.vllm_server(
                 name,
                 model,
                 log_dir,
                 cpu_core=core,
                 kv_transfer_config=servers.pd_connector_config(**config),
-                extra_env=env,
             )
             proc.control_url = f"http://127.0.0.1:{config['control_port']}"
             procs.append(proc)

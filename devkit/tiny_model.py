@@ -14,8 +14,12 @@ the demo and the CPU benchmarks generate their model. It is a real ``LlamaForCau
   right.
 * a chat template, so ``/v1/chat/completions`` works.
 
-Usage: ``python -m devkit.tiny_model OUTDIR``. Re-running with the same OUTDIR is a
-no-op when the stamp file matches.
+``small`` is the same recipe at a shape whose KV and compute are not negligible on a
+CPU (8 layers, hidden 1024, 8 KV heads of 128: 64 KiB of KV per token, ~100M weights):
+benchmarks that weigh moving KV against recomputing it use it.
+
+Usage: ``python -m devkit.tiny_model OUTDIR [tiny|small]``. Re-running with the same
+OUTDIR is a no-op when the stamp file matches.
 """
 
 from __future__ import annotations
@@ -26,6 +30,23 @@ import sys
 from pathlib import Path
 
 STAMP = "pdproxy-tiny-llama-v1"
+
+SHAPES = {
+    "tiny": {
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "small": {
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+    },
+}
 
 WORDS = (
     "the of and to in is that for it as was with be by on not he this are or his "
@@ -62,10 +83,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def build(outdir: str | Path) -> Path:
+def build(outdir: str | Path, shape: str = "tiny") -> Path:
     out = Path(outdir)
     stamp = out / "pdproxy_stamp.txt"
-    if stamp.exists() and stamp.read_text().strip() == STAMP:
+    label = STAMP if shape == "tiny" else f"{STAMP}-{shape}"
+    if stamp.exists() and stamp.read_text().strip() == label:
         return out
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -92,11 +114,7 @@ def build(outdir: str | Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **SHAPES[shape],
         max_position_embeddings=4096,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
@@ -118,7 +136,7 @@ def build(outdir: str | Path) -> Path:
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": fast.bos_token_id, "eos_token_id": fast.eos_token_id})
     )
-    stamp.write_text(STAMP + "\n")
+    stamp.write_text(label + "\n")
     return out
 
 
@@ -139,4 +157,9 @@ def word_token_ids(model_dir: str | Path) -> list[int]:
 
 
 if __name__ == "__main__":
-    print(build(sys.argv[1] if len(sys.argv) > 1 else ".cache/tiny-llama"))
+    print(
+        build(
+            sys.argv[1] if len(sys.argv) > 1 else ".cache/tiny-llama",
+            sys.argv[2] if len(sys.argv) > 2 else "tiny",
+        )
+    )

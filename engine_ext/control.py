@@ -122,6 +122,10 @@ def _held(collect: Callable[[str, float], dict[str, Any] | None]) -> Callable[[d
 def _make_handler(posts, stats, metrics) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes; on a kept-alive connection Nagle's
+        # algorithm would hold the body until the client's delayed ACK (~40 ms), which
+        # every release, and every move of a stream, would wait for.
+        disable_nagle_algorithm = True
 
         def log_message(self, fmt: str, *args: Any) -> None:  # quiet: no access log
             logger.debug("control: " + fmt, *args)

@@ -243,6 +243,12 @@ class Settings(BaseSettings):
         description="Draining a decode instance (admin API) moves its live streams to "
         "other decode instances with their KV, so it can restart with no client noticing.",
     )
+    migrate_kv: bool = Field(
+        default=True,
+        description="A stream asked to move (drain, rebalance) takes its KV along when its "
+        "decode server's connector can hold it. False: the destination recomputes the "
+        "prompt and the tokens sent instead (slower, needs no transfer).",
+    )
     rebalance: bool = Field(
         default=False,
         description="Move live streams from the most to the least loaded decode instance "

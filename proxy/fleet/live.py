@@ -15,6 +15,7 @@ from .backends import Instance
 
 class Movable(Protocol):
     moved_at: float  # when it last moved (time.monotonic), for the no-ping-pong cooldown
+    moving: bool  # asked to move and not yet running elsewhere
 
     def move(self, reason: str, target: Instance | None = None) -> bool:
         """Ask the stream to continue elsewhere; False if it cannot."""

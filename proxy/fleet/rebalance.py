@@ -8,7 +8,8 @@ another). When the most and the least loaded decode instance differ by more than
 servers' running and waiting counts and KV usage), the rebalancer asks a few streams of
 the busier one to move to the other, with their KV. Never more than half the gap per
 look (the order of the two cannot flip), never more than
-``PDPROXY_REBALANCE_MAX_MOVES``, never a stream that moved within
+``PDPROXY_REBALANCE_MAX_MOVES``, no new look while the last look's moves are on
+their way, never a stream that moved within
 ``PDPROXY_MIGRATION_COOLDOWN``: no ping-pong. Off by default (``PDPROXY_REBALANCE``).
 """
 
@@ -20,7 +21,7 @@ import time
 
 from ..settings import Settings
 from .backends import Registry
-from .live import LiveStreams
+from .live import LiveStreams, Movable
 from .routing.least_load import load_of
 
 log = logging.getLogger("pdproxy.rebalance")
@@ -32,6 +33,7 @@ class Rebalancer:
         self.registry = registry
         self.live = live
         self._task: asyncio.Task[None] | None = None
+        self._moving: list[Movable] = []  # asked in an earlier look, still on their way
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pdproxy-rebalance")
@@ -54,6 +56,11 @@ class Rebalancer:
 
     def look(self) -> int:
         """One look at the decode loads; how many streams were asked to move."""
+        # Streams on their way are counted on neither instance: wait until they arrive,
+        # or the next look would move more than half the gap.
+        self._moving = [stream for stream in self._moving if stream.moving]
+        if self._moving:
+            return 0
         decode = [inst for inst in self.registry.decode.instances if inst.available()]
         if len(decode) < 2:
             return 0
@@ -61,6 +68,7 @@ class Rebalancer:
         source = max(decode, key=lambda inst: loads[inst.url])
         target = min(decode, key=lambda inst: loads[inst.url])
         gap = loads[source.url] - loads[target.url]
+        log.debug("rebalance: loads %s", loads)
         if gap <= self.settings.rebalance_threshold:
             return 0
         budget = min(self.settings.rebalance_max_moves, int(gap // 2))
@@ -71,6 +79,7 @@ class Rebalancer:
             if now - stream.moved_at < self.settings.migration_cooldown:
                 continue
             if stream.move("rebalance", target):
+                self._moving.append(stream)
                 moved += 1
         if moved:
             log.info(

@@ -29,13 +29,14 @@ def _authorize(request: Request) -> None:
         raise ProxyError(401, "Invalid or missing admin key.")
 
 
-def _describe(inst: Instance) -> dict[str, Any]:
+def _describe(inst: Instance, live_streams: int) -> dict[str, Any]:
     return {
         "url": inst.url,
         "healthy": inst.healthy,
         "draining": inst.draining,
         "ejected": not inst.available() and inst.healthy and not inst.draining,
         "in_flight": inst.in_flight,
+        "live_streams": live_streams,  # streams this proxy relays from it (movable)
         "server_running": inst.load.running,
         "server_waiting": inst.load.waiting,
         "kv_cache_usage": inst.load.kv_usage,
@@ -61,9 +62,12 @@ async def _target(request: Request) -> tuple[str, str]:
 @router.get("/instances")
 async def list_instances(request: Request) -> Response:
     _authorize(request)
-    registry = request.app.state.registry
+    registry, live = request.app.state.registry, request.app.state.live
     return JSONResponse(
-        {role: [_describe(i) for i in registry.pool(role).instances] for role in (PREFILL, DECODE)}
+        {
+            role: [_describe(i, live.count(i.url)) for i in registry.pool(role).instances]
+            for role in (PREFILL, DECODE)
+        }
     )
 
 

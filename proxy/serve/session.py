@@ -84,8 +84,9 @@ class DecodeSession:
         self.started = False
         self.legs = 1  # numbers the legs' migration keys
         self.resumes = 0
-        self.moved_at = 0.0
+        self.moved_at = float("-inf")  # when it last moved (the rebalancer's cooldown)
         self._move: tuple[str, Instance | None] | None = None
+        self.moving = False  # asked to move, until the next leg runs (or the move failed)
         self._failure: ProxyError | None = None  # why the last leg broke
         self.stream: EventStream | None = None  # the current leg (None: not started)
         self.inst: Instance | None = None
@@ -105,6 +106,7 @@ class DecodeSession:
         if not self._leg_open or self._move is not None or not self.can_continue():
             return False
         self._move = (reason, target)
+        self.moving = True
         return True
 
     def can_continue(self) -> bool:
@@ -219,6 +221,8 @@ class DecodeSession:
             if writer.finish_reason is not None:
                 self._move = None  # the answer was complete; only its tail was lost
                 return
+            if error.status < 500:
+                raise  # the request's own fault: another instance would refuse it too
             if self.resumes >= self.settings.max_resumes or not self.can_continue():
                 raise
             self.resumes += 1
@@ -233,14 +237,31 @@ class DecodeSession:
         KV when asked to move, by recomputing after a failure (or when the KV cannot
         move). Returns the new leg's writer."""
         self._move = None
+        try:
+            return await self._continue_on_another(reason, target)
+        finally:
+            self.moving = False
+
+    async def _continue_on_another(self, reason: str, target: Instance | None):
         source, t = self.inst, self.transcript
         paused_at = self.last_sent
         migration = Migration(self.dispatcher, source, self.leg_key(), self.settings)
+        steps: dict[str, float] = {}  # where the pause went, for the log line
+        mark = time.perf_counter()
+
+        def step(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            steps[name], mark = (now - mark) * 1000, now
+
         try:
-            if reason != "failure":
+            if reason != "failure" and self.settings.migrate_kv:
                 await migration.arm()
+            step("arm")
             await self._detach()  # closing the connection makes vLLM end the request there
+            step("close")
             kv_params = await migration.collect()
+            step("collect")
             self.legs += 1
             resumed_at = t.boundary
             model = (self.p.raw.get("model") if self.p else None) or t.base.get("model") or ""
@@ -280,6 +301,7 @@ class DecodeSession:
         except BaseException:  # the client left half way: free the source's KV now
             self.dispatcher.background(migration.abandon())
             raise
+        step("open")
         migration.taken()
         self._attach(*opened)
         self.moved_at = time.monotonic()
@@ -290,7 +312,8 @@ class DecodeSession:
             STREAM_MOVE_KV_TOKENS.inc(migration.tokens)
         log.info(
             '{"event":"stream_moved","request_id":"%s","reason":"%s","kind":"%s",'
-            '"from":"%s","to":"%s","tokens_sent":%d,"kv_tokens":%d,"pause_ms":%.1f}',
+            '"from":"%s","to":"%s","tokens_sent":%d,"kv_tokens":%d,"pause_ms":%.1f,'
+            '"steps_ms":{%s}}',
             self.record.request_id,
             reason,
             kind,
@@ -299,6 +322,7 @@ class DecodeSession:
             resumed_at,
             migration.tokens,
             pause * 1000,
+            ",".join(f'"{name}":{ms:.1f}' for name, ms in steps.items()),
         )
         return resume_writer(self.plan, self._prefix(), t, resumed_at)
 

@@ -121,6 +121,11 @@ def load_event(data: bytes, leg: str = "decode") -> dict[str, Any]:
         error = (
             chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
         )
+        code = error.get("code")
+        if isinstance(code, int) and 400 <= code < 500:
+            # vLLM refused the request itself (it validates some inputs only once the
+            # stream has begun): the client's error, relayed as it is, not a failure.
+            raise ProxyError(code, str(error.get("message")), leg=leg, body=chunk)
         raise ProxyError(
             502, f"{leg} backend failed mid-stream: {error.get('message')}", leg=leg, body=chunk
         )

@@ -12,11 +12,13 @@ from proxy.settings import Settings
 class Stream:
     def __init__(self, moved_at: float = 0.0, movable: bool = True) -> None:
         self.moved_at, self.movable, self.moves = moved_at, movable, []
+        self.moving = False
 
     def move(self, reason, target=None) -> bool:
         if not self.movable:
             return False
         self.moves.append((reason, target.url if target else None))
+        self.moving = True
         return True
 
 
@@ -63,3 +65,24 @@ def test_no_ping_pong_and_no_unavailable_target():
         live.attach(d1.url, s)
     assert balancer.look() == 1
     assert old.moves == [("rebalance", "http://d2")] and not recent.moves
+
+
+def test_no_new_look_while_moves_are_on_their_way():
+    balancer, registry, live = setup(rebalance_threshold=1, rebalance_max_moves=2)
+    d1, d2, d3 = registry.decode.instances
+    d3.draining = True
+    d1.in_flight, d2.in_flight = 6, 0
+    streams = [Stream() for _ in range(6)]
+    for s in streams:
+        live.attach(d1.url, s)
+    assert balancer.look() == 2
+    # The two left d1 and are not on d2 yet: the loads say 4 / 0, but nothing more moves.
+    d1.in_flight = 4
+    assert balancer.look() == 0
+    for s in streams:
+        if s.moving:
+            s.moving = False  # arrived
+            live.detach(d1.url, s)
+            live.attach(d2.url, s)
+    d2.in_flight = 2
+    assert balancer.look() == 1  # 4 / 2: half the gap

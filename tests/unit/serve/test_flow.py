@@ -297,3 +297,32 @@ async def test_health_and_metrics():
         assert "pdproxy_phase_seconds_bucket" in text
         ready = await h.client.get("/ready")
         assert ready.status_code == 503  # no canary has run (the monitor is off in unit tests)
+
+
+async def test_a_refusal_inside_the_stream_is_relayed_not_failed_over():
+    # vLLM checks some inputs only once its stream has begun (token ids out of the
+    # vocabulary): its 4xx error event is the client's answer, not a decode failure.
+    refusal = {
+        "error": {
+            "message": "Token id 999 is out of vocabulary",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+    }
+
+    def refuse(request):
+        return httpx.Response(
+            200,
+            content=b"data: " + json.dumps(refusal).encode() + b"\n\ndata: [DONE]\n\n",
+            headers={"content-type": "text/event-stream"},
+        )
+
+    async with harness(prefill=("p1",), decode=("d1", "d2"), min_prefill_tokens=10**6) as h:
+        h.backends["d1"].override = h.backends["d2"].override = refuse
+        body = dict(COMPLETION, stream=True)
+        response = await h.client.post("/v1/completions", json=body)
+        events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        assert response.status_code == 200 and events == [json.dumps(refusal), "[DONE]"]
+        assert len(h.backends["d1"].calls) + len(h.backends["d2"].calls) == 1  # no resume
+        assert all(i.consecutive_failures == 0 for i in h.app.state.registry.decode.instances)

@@ -282,3 +282,39 @@ def test_two_moves_at_once_make_one(engines):
         assert_whole(got, chat=False)
         assert answers == [1, 0]
         assert metric(url, "pdproxy_stream_moves_total", reason="drain") - before == 1
+
+
+def test_the_rebalancer_evens_out_live_streams(engines):
+    p, d1, d2 = engines
+    for d in (d1, d2):
+        d.configure(itl_ms=40)
+    settings = {
+        "admin_key": "admin-key",
+        "health_interval": 0.2,
+        "rebalance": True,
+        "rebalance_interval": 0.1,
+        "rebalance_threshold": 1,
+    }
+    with live_proxy([p.url], [d1.url, d2.url], monitor=True, **settings) as url:
+        assert wait_for(lambda: d2.stats()["paths"].get("/v1/completions", 0) >= 1)  # probes
+        drained = {"role": "decode", "url": d2.url}
+        httpx.post(url + "/admin/instances/drain", json=drained, headers=ADMIN)
+        results: list[dict] = []
+        threads = [
+            threading.Thread(target=lambda: results.append(read(url, chat=False)))
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        assert wait_for(lambda: d1.stats()["in_flight"] == 4)
+        httpx.post(url + "/admin/instances/drain", json={**drained, "draining": False}, headers=ADMIN)
+        assert wait_for(lambda: d2.stats()["in_flight"] == 2)  # half of the gap, no more
+        time.sleep(0.3)
+        assert (d1.stats()["in_flight"], d2.stats()["in_flight"]) == (2, 2)
+        for thread in threads:
+            thread.join(30)
+        moved = metric(url, "pdproxy_stream_moves_total", reason="rebalance", kind="kv")
+    assert len(results) == 4
+    for got in results:
+        assert_whole(got, chat=False)
+    assert moved == 2
