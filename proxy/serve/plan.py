@@ -94,6 +94,13 @@ class Plan:
     def stitchable(self) -> bool:
         return not self.stitch_blockers
 
+    @property
+    def tracks_tokens(self) -> bool:
+        """Whether the decode legs may be asked for token ids. Not with ``echo``: vLLM
+        then leaves the prompt's text out of the echo, so asking would change the answer
+        (and such an answer cannot be continued elsewhere anyway)."""
+        return self.return_token_ids or not self.body.get("echo")
+
 
 # --- small typed readers that raise the 400 a client deserves -------------------------
 
@@ -384,7 +391,8 @@ def decode_body(plan: Plan, kv_params: dict[str, Any] | None) -> dict[str, Any]:
     body = dict(plan.body)
     if kv_params is not None:
         body["kv_transfer_params"] = kv_params
-    body["return_token_ids"] = True  # the proxy tracks every token it forwards
+    if plan.tracks_tokens:
+        body["return_token_ids"] = True  # the proxy tracks every token it forwards
     if plan.stream:
         # Usage is always asked for: the proxy needs it for accounting; it is dropped
         # again if the client did not ask.

@@ -369,7 +369,9 @@ class DecodeSession:
 
 def colocated_body(plan: Plan, key: str) -> dict[str, Any]:
     """One instance runs the client's request; the proxy still tracks its tokens."""
-    body = dict(plan.body, return_token_ids=True)
+    body = dict(plan.body)
+    if plan.tracks_tokens:
+        body["return_token_ids"] = True
     body["kv_transfer_params"] = with_migration_key(body.get("kv_transfer_params"), key)
     return body
 

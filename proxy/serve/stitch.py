@@ -167,20 +167,13 @@ def merge_stitched(plan: Plan, p: PrefillResult, d: dict[str, Any]) -> dict[str,
     else:
         choice["text"] = p.text + d_text
         choice["logprobs"] = _merge_logprobs(choice.get("logprobs"), d_choice.get("logprobs"))
-    if plan.return_token_ids:
-        choice["token_ids"] = p.token_ids + list(d_choice.get("token_ids") or [])
-    else:
-        choice["token_ids"] = None
-        if plan.kind != CHAT:
-            choice["prompt_token_ids"] = None
-        else:
-            answer["prompt_token_ids"] = None
+    choice["token_ids"] = p.token_ids + list(d_choice.get("token_ids") or [])
     choice["finish_reason"] = d_choice.get("finish_reason")
     choice["stop_reason"] = d_choice.get("stop_reason")
     answer["choices"] = [choice]
     answer["usage"] = merged_usage(p, d.get("usage"), 1)
     answer["kv_transfer_params"] = None
-    return answer
+    return hide_token_ids(plan, answer)
 
 
 def _merge_logprobs(
@@ -205,21 +198,32 @@ def fix_decode_answer(plan: Plan, p: PrefillResult, d: dict[str, Any]) -> dict[s
     answer = dict(d)
     answer["usage"] = merged_usage(p, d.get("usage"), 0)
     answer["kv_transfer_params"] = None
-    return answer
+    return hide_token_ids(plan, answer)
 
 
 def prefill_only_answer(plan: Plan, p: PrefillResult) -> dict[str, Any]:
     """P's token ended the request: P's answer is the whole answer."""
     answer = dict(p.raw)
     answer["kv_transfer_params"] = None
-    if not plan.return_token_ids:
-        choice = dict(p.choice)
+    return hide_token_ids(plan, answer)
+
+
+def hide_token_ids(plan: Plan, answer: dict[str, Any]) -> dict[str, Any]:
+    """Every leg is asked for token ids (the proxy tracks what it sends); the client
+    sees them only if it asked, as vLLM shows them: null fields."""
+    if plan.return_token_ids:
+        return answer
+    answer = dict(answer)
+    choices = []
+    for choice in answer.get("choices") or []:
+        choice = dict(choice)
         choice["token_ids"] = None
-        if plan.kind == CHAT:
-            answer["prompt_token_ids"] = None
-        else:
+        if plan.kind != CHAT:
             choice["prompt_token_ids"] = None
-        answer["choices"] = [choice]
+        choices.append(choice)
+    answer["choices"] = choices
+    if plan.kind == CHAT:
+        answer["prompt_token_ids"] = None
     return answer
 
 

@@ -156,6 +156,22 @@ async def test_stop_string_across_the_seam_falls_back_to_decode_mode():
 
 
 @pytest.mark.parametrize(
+    "path, base", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)]
+)
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("asked", [False, True])
+async def test_decode_mode_equals_colocated(path, base, stream, asked):
+    # D is always asked for token ids (the proxy tracks what it sends); the client
+    # sees them only when it asked, in whole answers as in streams.
+    async with harness(stitch=False) as h:
+        body = dict(base, stream=stream, return_token_ids=asked)
+        response, s = await compare(h, path, body)
+        assert response.headers["x-pdproxy-mode"] == "decode"
+        assert h.backends["d1"].calls[0]["body"]["return_token_ids"] is True
+        assert bool(s.token_ids) == asked
+
+
+@pytest.mark.parametrize(
     "extra, reason",
     [
         ({"n": 2, "temperature": 0.5}, "n>1"),
@@ -326,3 +342,14 @@ async def test_a_refusal_inside_the_stream_is_relayed_not_failed_over():
         assert response.status_code == 200 and events == [json.dumps(refusal), "[DONE]"]
         assert len(h.backends["d1"].calls) + len(h.backends["d2"].calls) == 1  # no resume
         assert all(i.consecutive_failures == 0 for i in h.app.state.registry.decode.instances)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_echo_is_not_asked_for_token_ids(stream):
+    # vLLM leaves the prompt's text out of an echo when token ids are asked for: the
+    # proxy must not ask on the client's behalf.
+    async with harness() as h:
+        body = dict(COMPLETION, echo=True, stream=stream)
+        response = await h.client.post("/v1/completions", json=body)
+        assert response.headers["x-pdproxy-mode"] == "colocated"
+        assert "return_token_ids" not in h.backends["d1"].calls[0]["body"]
