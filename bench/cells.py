@@ -14,7 +14,7 @@ import httpx
 
 from devkit.servers import Process
 
-from . import loadgen
+from . import loadgen, stalls
 from . import profile as profiling
 from .fake import chat_prompt_ids, generate, token_text
 from .options import DIRECT, PDPROXY, ROUTER, TOY, Options
@@ -60,6 +60,9 @@ async def run_cell(
     marks: dict[str, dict[str, Any]] = {}
     spy: dict[str, Any] = {}
     fakes_at: dict[str, asyncio.Future[dict[str, dict[str, Any]]]] = {}
+    stalls_at: dict[str, asyncio.Future[dict[str, float] | None]] = {}
+    # pdproxy reports its own event-loop stalls; the other targets have no such metric.
+    want_stalls = proxy is not None and url is not None and target not in (ROUTER, TOY)
     # py-spy reads Python stacks: the Rust router has none worth sampling.
     want_profile = (
         proxy is not None and target != ROUTER and (endpoint, concurrency) in opts.profile
@@ -73,6 +76,8 @@ async def run_cell(
             spy["out"] = out
             spy["proc"] = profiling.start(proxy.pid, duration, out, cores=opts.load_cores)  # type: ignore[union-attr]
         fakes_at[which] = asyncio.ensure_future(fake_stats(p_url, d_url))
+        if want_stalls:
+            stalls_at[which] = asyncio.ensure_future(stalls.scrape(url))
         marks[which] = {
             "t": time.perf_counter(),
             "proxy_cpu": proxy.cpu() if proxy else 0.0,
@@ -133,6 +138,8 @@ async def run_cell(
     }
     if profile_summary is not None:
         cell["profile"] = profile_summary
+    if want_stalls:
+        cell["stalls"] = stalls.window(await stalls_at["start"], await stalls_at["end"])
     # New TCP connections the fakes accepted per generation they served in the window: ~0
     # when connections are kept alive, ~1 when every request opens one.
     for leg, fake_url in (("p", p_url), ("d", d_url)):
@@ -338,9 +345,12 @@ def _progress(cell: dict[str, Any]) -> str:
     return (
         f"{cell['label']:>16} {cell['endpoint']:>11} c={cell['concurrency']:<5} "
         f"{cell['requests_per_s']:8.1f} req/s {cell['chunks_per_s']:9.0f} chunks/s "
-        f"ttft p50 {cell['ttft_ms'].get('p50', float('nan')):7.2f} ms  "
+        f"ttft p50 {cell['ttft_ms'].get('p50', float('nan')):7.2f} ms "
+        f"p99 {cell['ttft_ms'].get('p99', float('nan')):7.2f} ms  "
         f"itl p99 {cell['itl_ms'].get('p99', float('nan')):7.2f} ms "
-        f"err {cell['errors']}" + (f"  cpu {cpu:6.1f} us/chunk" if cpu else "")
+        f"err {cell['errors']}"
+        + (f"  cpu {cpu:6.1f} us/chunk" if cpu else "")
+        + (f"  {stalls.describe(cell['stalls'])}" if cell.get("stalls") else "")
     )
 
 

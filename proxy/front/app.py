@@ -25,6 +25,7 @@ from ..fleet.membership import Membership
 from ..fleet.rebalance import Rebalancer
 from ..fleet.routing import RouteContext
 from ..observe.metrics import render
+from ..observe.stalls import StallProbes, freeze_startup_heap
 from ..observe.tracing import Tracing
 from ..serve.flow import Gateway, read_body
 from ..serve.vocabulary import CHAT, COMPLETIONS, ENDPOINTS, KIND_OF_PATH, Mode
@@ -127,6 +128,9 @@ def create_app(
         if settings.discovery_interval:
             await membership.refresh()
         membership.start()
+        probes = StallProbes()
+        probes.start()
+        freeze_startup_heap()
         if monitor:
             health.start()
         if settings.rebalance:
@@ -134,6 +138,7 @@ def create_app(
         try:
             yield
         finally:
+            await probes.stop()
             await rebalancer.stop()
             await membership.stop()
             await health.stop()

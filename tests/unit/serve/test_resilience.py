@@ -3,11 +3,12 @@
 import asyncio
 import json
 
-import respx
+import httpx
 
 from proxy.fleet.backends import Instance, Registry
 from proxy.fleet.health import HealthMonitor, parse_load, record_failure
 from proxy.settings import Settings
+from tests.support.fakeserver import FakeServer
 from tests.support.proxy_harness import harness
 
 COMPLETION = {"model": "m", "prompt": "hello world", "max_tokens": 4, "temperature": 0}
@@ -140,45 +141,92 @@ async def test_failures_eject_and_4xx_never_does():
 
 
 async def test_active_checks_eject_and_readmit():
-    settings = Settings(prefill_urls=["http://p"], decode_urls=["http://d"])
+    # Real sockets: the checks use the legs' HTTP client.
+    seen: list[str] = []
+    d_health = {"status": 500}
+
+    def p_handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/metrics":
+            return httpx.Response(
+                200,
+                text='vllm:num_requests_running{engine="0"} 3.0\n'
+                'vllm:num_requests_waiting{engine="0"} 2.0\n'
+                'vllm:kv_cache_usage_perc{engine="0"} 0.25\n',
+            )
+        if path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m", "max_model_len": 2048}]})
+        return httpx.Response(200)
+
+    def d_handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path == "/health":
+            return httpx.Response(d_health["status"])
+        if request.url.path == "/v1/completions":
+            # A decode instance's connector is asked where it listens (a one-token prefill).
+            params = {"remote_host": "127.0.0.1", "control_port": d.port, "transfer_id": "t"}
+            return httpx.Response(200, json={"kv_transfer_params": params})
+        if request.url.path == "/pd/release":
+            return httpx.Response(200, json={"released": True})
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": []})
+        return httpx.Response(200, text="")
+
+    p, d = await FakeServer("p", p_handler).start(), await FakeServer("d", d_handler).start()
+    settings = Settings(prefill_urls=[p.url], decode_urls=[d.url])
     registry = Registry(settings)
 
     async def canary():
         return True
 
     monitor = HealthMonitor(settings, registry, canary)
-    with respx.mock(assert_all_called=False) as mock:
-        mock.get("http://p/health").respond(200)
-        health_d = mock.get("http://d/health")
-        health_d.respond(500)
-        mock.get("http://p/metrics").respond(
-            200,
-            text='vllm:num_requests_running{engine="0"} 3.0\n'
-            'vllm:num_requests_waiting{engine="0"} 2.0\n'
-            'vllm:kv_cache_usage_perc{engine="0"} 0.25\n',
-        )
-        mock.get("http://d/metrics").respond(200, text="")
-        mock.get("http://p/v1/models").respond(json={"data": [{"id": "m", "max_model_len": 2048}]})
-        mock.get("http://d/v1/models").respond(json={"data": []})
-        # A decode instance's connector is asked where it listens (a one-token prefill).
-        probe = mock.post("http://d/v1/completions").respond(
-            json={"kv_transfer_params": {"remote_host": "10.0.0.9", "control_port": 5599,
-                                         "transfer_id": "t"}}
-        )  # fmt: skip
-        mock.post("http://10.0.0.9:5599/pd/release").respond(json={"released": True})
+    try:
         await monitor.check_all()
-        p, d = registry.prefill.instances[0], registry.decode.instances[0]
-        assert p.healthy and not d.healthy
-        assert (p.load.running, p.load.waiting, p.load.kv_usage) == (3.0, 2.0, 0.25)
-        assert p.max_model_len == {"m": 2048}
-        d.ejected_until = 1e18  # passively ejected too
-        health_d.respond(200)
+        p_inst, d_inst = registry.prefill.instances[0], registry.decode.instances[0]
+        assert p_inst.healthy and not d_inst.healthy
+        assert (p_inst.load.running, p_inst.load.waiting, p_inst.load.kv_usage) == (3.0, 2.0, 0.25)
+        assert p_inst.max_model_len == {"m": 2048}
+        d_inst.ejected_until = 1e18  # passively ejected too
+        d_health["status"] = 200
         await monitor.check_all()
-        assert d.healthy and d.available()  # recovered: re-admitted
-        assert probe.called and d.connector == "http://10.0.0.9:5599"
+        assert d_inst.healthy and d_inst.available()  # recovered: re-admitted
+        assert "/v1/completions" in seen and "/pd/release" in seen
+        assert d_inst.connector == f"http://127.0.0.1:{d.port}"
         assert await monitor.run_canary() and monitor.ready
-    await monitor.stop()
-    await registry.aclose()
+        await p.stop()  # gone: the next check finds it
+        await monitor.check_all()
+        assert not p_inst.healthy
+    finally:
+        await monitor.stop()
+        await registry.aclose()
+        await d.stop()
+
+
+async def test_checks_are_spread_over_the_interval():
+    starts: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            starts.append(asyncio.get_running_loop().time())
+        return httpx.Response(200, text="")
+
+    servers = [await FakeServer(f"s{i}", handler).start() for i in range(4)]
+    settings = Settings(prefill_urls=[s.url for s in servers[:2]],
+                        decode_urls=[s.url for s in servers[2:]])  # fmt: skip
+    registry = Registry(settings)
+    for inst in registry.decode.instances:
+        inst.connector = ""  # no probe
+    monitor = HealthMonitor(settings, registry, lambda: asyncio.sleep(0, True))
+    try:
+        await monitor.check_all(spread=0.4)
+        starts.sort()
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        assert len(starts) == 4 and min(gaps) > 0.05  # not one burst: about 0.1 s apart
+    finally:
+        await monitor.stop()
+        await registry.aclose()
+        for server in servers:
+            await server.stop()
 
 
 def test_parse_load_sums_engines():

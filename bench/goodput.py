@@ -1,0 +1,326 @@
+"""Goodput under latency SLOs: P/D through pdproxy against colocated serving, same servers.
+
+``python -m bench.goodput [--shape small] [--mixes chat,rag] [--rates 0.5,1,2] [--seconds 40]``
+
+Two vLLM CPU servers with the PDConnector, each on its own core, and one proxy per arm in
+front of both, so every arm runs on the same hardware and the same engines:
+
+- ``pd``: server A prefills, server B decodes (``PDPROXY_PREFILL_URLS=A``, ``DECODE=B``);
+- ``colocated``: both serve whole requests, least-loaded first (both are decode instances
+  and ``PDPROXY_MIN_PREFILL_TOKENS`` is above every prompt);
+- ``pd-min<N>`` (with ``--min-prefill N``): P/D for prompts of N tokens or more, the rest
+  colocated on B (conditional disaggregation).
+
+The workload is open-loop: Poisson arrivals at each rate, prompt and output lengths drawn
+from a named mix (log-normal around a median, clipped), prompts of fresh random token ids
+(no prefix-cache help), ``ignore_eos`` so every answer has its drawn length. The same
+seed gives every arm the same requests at the same offsets.
+
+Per arm, mix and rate: TTFT p50/p99, ITL p50/p99 over all gaps, the worst gap any stream
+saw (p50 and max over streams), throughput, and goodput: requests per second that met
+both SLOs: TTFT <= ``--ttft-slo`` and their mean time per output token (TPOT, DistServe's
+decode SLO) <= ``--tpot-slo``. The table also gives goodput with both SLOs halved and
+doubled. A figure (goodput against rate, one panel per mix) is written next to the JSON
+when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+# Median and clip range of prompt and output lengths, in tokens (scaled to what one CPU
+# core serves with devkit's models: a 1k-token prefill of the "small" one takes ~0.3 s).
+MIXES: dict[str, dict[str, tuple[int, int, int]]] = {
+    "chat": {"prompt": (96, 16, 512), "output": (64, 16, 128)},
+    "rag": {"prompt": (1024, 384, 1800), "output": (32, 8, 64)},
+}
+SPREAD = 0.6  # sigma of the log-normal draws
+
+
+@dataclass
+class Job:
+    at: float  # seconds after the run's start
+    prompt: list[int]
+    output: int
+
+
+@dataclass
+class Outcome:
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+
+def _draw(rng: random.Random, median: int, low: int, high: int) -> int:
+    return max(low, min(high, round(median * math.exp(rng.gauss(0.0, SPREAD)))))
+
+
+def workload(mix: str, rate: float, seconds: float, seed: int) -> list[Job]:
+    """The requests of one run: the same for every arm with the same seed."""
+    rng = random.Random(f"{seed}-{mix}-{rate}")
+    shape, jobs, at = MIXES[mix], [], 0.0
+    while True:
+        at += rng.expovariate(rate)
+        if at >= seconds:
+            return jobs
+        length = _draw(rng, *shape["prompt"])
+        jobs.append(Job(at, [rng.randrange(300, 600) for _ in range(length)],
+                        _draw(rng, *shape["output"])))  # fmt: skip
+
+
+async def _one(client: httpx.AsyncClient, url: str, job: Job, start: float) -> Outcome:
+    await asyncio.sleep(max(start + job.at - time.perf_counter(), 0.0))
+    sent = time.perf_counter()
+    body = {
+        "model": "tiny",
+        "prompt": job.prompt,
+        "max_tokens": job.output,
+        "min_tokens": job.output,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
+    out, last = Outcome(), sent
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                out.error = f"HTTP {response.status_code}"
+                return out
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                now = time.perf_counter()
+                if out.ttft is None:
+                    out.ttft = now - sent
+                else:
+                    out.gaps.append(now - last)
+                last = now
+                out.tokens += 1
+    except httpx.HTTPError as exc:
+        out.error = type(exc).__name__
+    return out
+
+
+async def drive(url: str, jobs: list[Job]) -> tuple[list[Outcome], float]:
+    """Send every job at its time; wait for all; the outcomes and the makespan."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=600.0, limits=limits, trust_env=False) as client:
+        start = time.perf_counter()
+        outcomes = await asyncio.gather(*(_one(client, url, job, start) for job in jobs))
+        return list(outcomes), time.perf_counter() - start
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarize(
+    outcomes: list[Outcome], seconds: float, makespan: float, ttft_slo: float, tpot_slo: float
+) -> dict[str, Any]:
+    done = [o for o in outcomes if o.error is None and o.ttft is not None]
+    gaps = [g for o in done for g in o.gaps]
+    worst = [max(o.gaps) for o in done if o.gaps]
+
+    def goodput(scale: float) -> float:
+        met = sum(
+            1
+            for o in done
+            if o.ttft <= ttft_slo * scale
+            and (statistics.fmean(o.gaps) if o.gaps else 0.0) <= tpot_slo * scale
+        )
+        return met / seconds
+
+    ms = lambda v: None if v is None else round(v * 1000, 1)  # noqa: E731
+    return {
+        "requests": len(outcomes),
+        "errors": len(outcomes) - len(done),
+        "ttft_p50_ms": ms(_pct([o.ttft for o in done], 0.5)),
+        "ttft_p99_ms": ms(_pct([o.ttft for o in done], 0.99)),
+        "itl_p50_ms": ms(_pct(gaps, 0.5)),
+        "itl_p99_ms": ms(_pct(gaps, 0.99)),
+        "worst_gap_p50_ms": ms(_pct(worst, 0.5)),
+        "worst_gap_max_ms": ms(max(worst) if worst else None),
+        "throughput_rps": round(len(done) / makespan, 3),
+        "tokens_per_s": round(sum(o.tokens for o in done) / makespan, 1),
+        "goodput_rps": round(goodput(1.0), 3),
+        "goodput_tight_rps": round(goodput(0.5), 3),
+        "goodput_loose_rps": round(goodput(2.0), 3),
+    }
+
+
+def _arms(args: argparse.Namespace, a: str, b: str) -> dict[str, dict[str, Any]]:
+    """Each arm: its proxy's pools and settings."""
+    never = str(10**6)  # above every prompt: nothing is disaggregated
+    arms = {
+        "pd": {"prefill": [a], "decode": [b], "env": {}},
+        "colocated": {
+            "prefill": [a],
+            "decode": [a, b],
+            "env": {"PDPROXY_MIN_PREFILL_TOKENS": never},
+        },
+    }
+    for threshold in args.min_prefill:
+        arms[f"pd-min{threshold}"] = {
+            "prefill": [a], "decode": [b], "env": {"PDPROXY_MIN_PREFILL_TOKENS": str(threshold)}
+        }  # fmt: skip
+    return arms
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from devkit import servers, tiny_model
+
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="goodput-"))
+    cache = servers.REPO_ROOT / ".cache"
+    model = tiny_model.build(
+        cache / ("tiny-llama" if args.shape == "tiny" else f"{args.shape}-llama"), args.shape
+    )
+    longest = max(MIXES[m]["prompt"][2] + MIXES[m]["output"][2] for m in args.mixes)
+    engines = [
+        servers.vllm_server(
+            name,
+            model,
+            log_dir,
+            cpu_core=core,
+            max_model_len=longest + 16,
+            kv_transfer_config=servers.pd_connector_config(host="127.0.0.1"),
+        )
+        for name, core in (("a", 0), ("b", 1))
+    ]
+    print(f"logs in {log_dir}", flush=True)
+    servers.start_all(engines)
+    proxies = {}
+    try:
+        a, b = (e.url for e in engines)
+        for arm, spec in _arms(args, a, b).items():
+            proc = servers.proxy_server(
+                f"proxy-{arm}", log_dir, prefill_urls=spec["prefill"], decode_urls=spec["decode"],
+                extra_env={"PDPROXY_LOG_LEVEL": "warning", **spec["env"]},
+            )  # fmt: skip
+            proxies[arm] = proc.start().wait_ready(60)
+        # One request per arm first: every engine's and connection's first use is paid here.
+        warm = workload(args.mixes[0], 4.0, 1.0, seed=-1)[:2]
+        for proc in proxies.values():
+            asyncio.run(drive(proc.url, warm))
+        rows = []
+        for mix in args.mixes:
+            for rate in args.rates:
+                jobs = workload(mix, rate, args.seconds, args.seed)
+                for arm, proc in proxies.items():
+                    outcomes, makespan = asyncio.run(drive(proc.url, jobs))
+                    row = {"mix": mix, "rate": rate, "arm": arm}
+                    row |= summarize(outcomes, args.seconds, makespan, args.ttft_slo, args.tpot_slo)
+                    rows.append(row)
+                    print(_line(row), flush=True)
+                    time.sleep(1.0)  # the servers drain before the next arm
+        return {
+            "shape": args.shape,
+            "seconds": args.seconds,
+            "seed": args.seed,
+            "ttft_slo_ms": args.ttft_slo * 1000,
+            "tpot_slo_ms": args.tpot_slo * 1000,
+            "rows": rows,
+        }
+    finally:
+        for proc in [*proxies.values(), *engines]:
+            proc.stop()
+
+
+def _line(row: dict[str, Any]) -> str:
+    return (
+        f"{row['mix']:>5} rate {row['rate']:5.2f}/s {row['arm']:>12}: goodput "
+        f"{row['goodput_rps']:.2f}/s of {row['requests'] / 1:.0f} req, TTFT p50/p99 "
+        f"{row['ttft_p50_ms']}/{row['ttft_p99_ms']} ms, ITL p50/p99 {row['itl_p50_ms']}/"
+        f"{row['itl_p99_ms']} ms, worst gap max {row['worst_gap_max_ms']} ms, err {row['errors']}"
+    )
+
+
+def table(report: dict[str, Any]) -> str:
+    head = (
+        "| mix | rate/s | arm | goodput/s (½×, 1×, 2× SLO) | TTFT p50 / p99 ms | "
+        "ITL p50 / p99 ms | worst gap p50 / max ms | req/s | errors |\n"
+        "|---|---:|---|---|---|---|---|---:|---:|\n"
+    )
+    return head + "".join(
+        f"| {r['mix']} | {r['rate']:g} | {r['arm']} | {r['goodput_tight_rps']:.2f}, "
+        f"**{r['goodput_rps']:.2f}**, {r['goodput_loose_rps']:.2f} | {r['ttft_p50_ms']} / "
+        f"{r['ttft_p99_ms']} | {r['itl_p50_ms']} / {r['itl_p99_ms']} | "
+        f"{r['worst_gap_p50_ms']} / {r['worst_gap_max_ms']} | {r['throughput_rps']:.2f} | "
+        f"{r['errors']} |\n"
+        for r in report["rows"]
+    )
+
+
+def plot(report: dict[str, Any], path: Path) -> Path | None:
+    """Goodput against arrival rate, one panel per mix; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    mixes = list(dict.fromkeys(r["mix"] for r in report["rows"]))
+    fig, axes = plt.subplots(1, len(mixes), figsize=(5.5 * len(mixes), 4), squeeze=False)
+    for ax, mix in zip(axes[0], mixes):
+        rows = [r for r in report["rows"] if r["mix"] == mix]
+        for arm in dict.fromkeys(r["arm"] for r in rows):
+            mine = [r for r in rows if r["arm"] == arm]
+            ax.plot([r["rate"] for r in mine], [r["goodput_rps"] for r in mine], "o-", label=arm)
+        rates = sorted({r["rate"] for r in rows})
+        ax.plot(rates, rates, ":", color="grey", label="offered")
+        ax.set_title(
+            f"{mix}: TTFT <= {report['ttft_slo_ms']:g} ms, TPOT <= {report['tpot_slo_ms']:g} ms"
+        )
+        ax.set_xlabel("arrival rate (requests/s)")
+        ax.set_ylabel("goodput (requests/s within both SLOs)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="small", choices=("tiny", "small"))
+    parser.add_argument("--mixes", default="chat,rag", type=lambda s: s.split(","))
+    parser.add_argument("--rates", default="0.5,1,2",
+                        type=lambda s: [float(x) for x in s.split(",")])  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=40.0, help="arrivals per run")
+    parser.add_argument("--ttft-slo", type=float, default=1.0, help="seconds")
+    parser.add_argument("--tpot-slo", type=float, default=0.1, help="seconds per token")
+    parser.add_argument("--min-prefill", default="", help="comma list: pd-min<N> arms",
+                        type=lambda s: [int(x) for x in s.split(",") if x])  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-dir")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    report = run(args)
+    print(table(report))
+    out = Path(args.out or f"bench/results/goodput-{args.shape}-{int(time.time())}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    figure = plot(report, out.with_suffix(".png"))
+    print(f"wrote {out}" + (f" and {figure}" if figure else ""))
+    return report
+
+
+if __name__ == "__main__":
+    main()

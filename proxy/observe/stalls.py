@@ -1,0 +1,104 @@
+"""Where a slow request's time went when no backend was slow: the event loop stalled.
+
+One proxy process serves every stream on one event loop, so anything that holds the
+loop (a garbage collection, a burst of background work, a large log line) delays every
+request whose next step was due. A p99 that is worse than the backends' is made of
+such stalls, and they do not show in any request's own timestamps. Two cheap probes:
+
+- ``pdproxy_event_loop_lag_seconds``: a task that asks to wake every ``LAG_PERIOD`` and
+  records how late it woke (ten wake-ups a second: nothing measurable on its own).
+- ``pdproxy_gc_pause_seconds{generation}``: each collection's duration, from CPython's
+  ``gc.callbacks`` (two clock reads per collection).
+
+``python -m bench`` reads both from the proxy around each measurement window, which is how
+a tail is told apart from the backends' own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import time
+
+from prometheus_client import Histogram
+
+log = logging.getLogger("pdproxy.stalls")
+
+STALL_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+LAG_PERIOD = 0.1
+SLOW_STALL = 0.05  # a stall this long is logged too: it is in some client's latency
+
+LOOP_LAG = Histogram(
+    "pdproxy_event_loop_lag_seconds",
+    "How late a periodic probe woke up: how long the event loop was busy elsewhere.",
+    buckets=STALL_BUCKETS,
+)
+GC_PAUSE = Histogram(
+    "pdproxy_gc_pause_seconds",
+    "Garbage-collection pauses of the proxy process, by generation.",
+    ["generation"],
+    buckets=STALL_BUCKETS,
+)
+
+
+class _GCTimer:
+    """``gc.callbacks`` hook: one histogram observation per collection."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.children = [GC_PAUSE.labels(str(generation)) for generation in range(3)]
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self.started
+        self.children[info["generation"]].observe(pause)
+        if pause >= SLOW_STALL:
+            log.warning("garbage collection of generation %d took %.1f ms",
+                        info["generation"], pause * 1000)  # fmt: skip
+
+
+def freeze_startup_heap() -> None:
+    """Move every object alive after start-up out of the collector's sight.
+
+    A full (generation 2) collection walks every tracked object: the imported modules,
+    FastAPI's and pydantic's structures and the settings are most of them and live as
+    long as the process, yet each full collection rescans them while every stream waits.
+    ``gc.freeze`` puts them in a permanent generation, so a full collection costs what
+    the requests in flight allocate. (CPython's documented use, as after a pre-fork.)
+    """
+    gc.collect()
+    gc.freeze()
+
+
+class StallProbes:
+    """The loop-lag task and the GC hook of one process, started and stopped together."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+        self._gc = _GCTimer()
+
+    def start(self) -> None:
+        gc.callbacks.append(self._gc)
+        self._task = asyncio.create_task(self._watch(), name="pdproxy-loop-lag")
+
+    async def stop(self) -> None:
+        if self._gc in gc.callbacks:
+            gc.callbacks.remove(self._gc)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LAG_PERIOD
+            await asyncio.sleep(LAG_PERIOD)
+            lag = max(loop.time() - due, 0.0)
+            LOOP_LAG.observe(lag)
+            if lag >= SLOW_STALL:
+                log.warning("event loop stalled for %.1f ms", lag * 1000)
