@@ -122,6 +122,21 @@ HEALTHY = Gauge(
 
 access_log = logging.getLogger("pdproxy.access")
 
+# The gauges with one series per (backend, role): a backend that leaves a pool must take
+# its series with it, or its last value (healthy, N in flight) is reported forever.
+PER_BACKEND_GAUGES = (HEALTHY, IN_FLIGHT)
+
+
+def forget_backend(url: str, role: str) -> None:
+    """Drop ``url``'s per-backend gauge series for ``role`` (it left that pool).
+
+    Not in multiprocess mode: prometheus-client keeps those values in per-process files
+    and cannot remove a series there (it only warns)."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return
+    for gauge in PER_BACKEND_GAUGES:
+        gauge.remove(url, role)
+
 
 def render() -> bytes:
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:

@@ -301,13 +301,14 @@ def test_the_rebalancer_evens_out_live_streams(engines):
         httpx.post(url + "/admin/instances/drain", json=drained, headers=ADMIN)
         results: list[dict] = []
         threads = [
-            threading.Thread(target=lambda: results.append(read(url, chat=False)))
-            for _ in range(4)
+            threading.Thread(target=lambda: results.append(read(url, chat=False))) for _ in range(4)
         ]
         for thread in threads:
             thread.start()
         assert wait_for(lambda: d1.stats()["in_flight"] == 4)
-        httpx.post(url + "/admin/instances/drain", json={**drained, "draining": False}, headers=ADMIN)
+        httpx.post(
+            url + "/admin/instances/drain", json={**drained, "draining": False}, headers=ADMIN
+        )
         assert wait_for(lambda: d2.stats()["in_flight"] == 2)  # half of the gap, no more
         time.sleep(0.3)
         assert (d1.stats()["in_flight"], d2.stats()["in_flight"]) == (2, 2)
