@@ -25,6 +25,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from .recent import Recent
 from .tracing import DISABLED, RequestTrace
 
 LATENCY_BUCKETS = (
@@ -169,6 +170,7 @@ class RequestRecord:
     error: str | None = None
     completion_tokens: int | None = None
     trace: RequestTrace = DISABLED
+    recent: Recent | None = None  # the status page's last minute, when it is kept
 
     def leg_started(self, leg: str, url: str) -> None:
         """A leg goes to ``url`` (again, on a retry: the prefill timer restarts, the
@@ -215,6 +217,8 @@ class RequestRecord:
         if self.outcome == "ok":
             for phase in ("proxy", "prefill", "handoff", "decode"):
                 PHASE.labels(phase).observe(phases[phase])
+        if self.recent is not None:
+            self.recent.add(self, phases)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(json.dumps(self.log_fields(phases), separators=(",", ":")))
 
