@@ -3,7 +3,8 @@
 #               proxy, sends a chat request through the OpenAI SDK, prints where time went.
 #   make test   the whole test suite (unit tests and end-to-end tests on real vLLM CPU servers).
 # Both create .venv on first use; nothing needs to be installed beforehand. The tests also
-# need promtool (the alert rules' checks), which `make tools` installs from Debian if missing.
+# need promtool (the alert rules' checks) and Chromium (the status page, in a headless
+# browser), which `make tools` installs from Debian if missing.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -26,6 +27,9 @@ $(STAMP): pyproject.toml
 # Debian's prometheus package (about 19 MB to download, 6 s to install; no recommends, so no
 # node exporter). Nothing happens when promtool is already on PATH. Installing needs root;
 # the package's service is not started where there is no init system or a policy-rc.d.
+# Chromium renders the status page in tests/unit/front/test_status_browser.py (headless);
+# Debian's package is about 120 MB to download with its libraries and takes about a minute
+# to install (no recommends: no fonts beyond the base ones, no desktop integration).
 tools:
 	@command -v promtool >/dev/null 2>&1 || { \
 	  command -v apt-get >/dev/null 2>&1 || { echo "make tools: promtool is missing and this is not Debian; install Prometheus's promtool and put it on PATH" >&2; exit 1; }; \
@@ -36,6 +40,16 @@ tools:
 	    || { cat "$$log" >&2; rm -f "$$log"; echo "make tools: apt-get install prometheus failed" >&2; exit 1; }; \
 	  rm -f "$$log"; \
 	  command -v promtool >/dev/null 2>&1 || { echo "make tools: prometheus installed but promtool is not on PATH" >&2; exit 1; }; \
+	}
+	@command -v chromium >/dev/null 2>&1 || { \
+	  command -v apt-get >/dev/null 2>&1 || { echo "make tools: chromium is missing and this is not Debian; install Chromium and put chromium on PATH" >&2; exit 1; }; \
+	  [ "$$(id -u)" = 0 ] || { echo "make tools: chromium is missing; run as root, or: sudo apt-get install --no-install-recommends chromium" >&2; exit 1; }; \
+	  echo "make tools: installing chromium (Debian package chromium)"; \
+	  log=$$(mktemp); \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } >"$$log" 2>&1 \
+	    || { cat "$$log" >&2; rm -f "$$log"; echo "make tools: apt-get install chromium failed" >&2; exit 1; }; \
+	  rm -f "$$log"; \
+	  command -v chromium >/dev/null 2>&1 || { echo "make tools: chromium installed but not on PATH" >&2; exit 1; }; \
 	}
 
 demo: $(STAMP)

@@ -11,9 +11,10 @@ cores. Per cell: requests/s, token chunks/s, TTFT and its excess over direct-pd,
 between tokens, errors, the proxy's CPU time per 1,000 streamed chunks (its process tree's
 utime+stime over the measurement window, from /proc) and its memory.
 
-Prints a markdown table and writes JSON (``--out``) plus the same table as markdown next
-to it. ``--quick`` is a one-minute smoke run. Peers are optional: their code is never part
-of this project; pass the toy proxy's file and the router's executable to include them.
+Prints a markdown table and writes JSON (``--out``) plus the same table as markdown and
+a figure (``bench.plots``, when matplotlib is installed) next to it. ``--quick`` is a
+one-minute smoke run. Peers are optional: their code is never part of this project; pass
+the toy proxy's file and the router's executable to include them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from .cells import run_bench
 from .options import parse_args
+from .plots import draw_beside
 from .report import markdown
 
 
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     opts.out.write_text(json.dumps(results, indent=2, default=str))
     opts.out.with_suffix(".md").write_text(f"`{results['command']}`\n\n" + table)
     print(f"wrote {opts.out} and {opts.out.with_suffix('.md')}")
+    draw_beside(opts.out)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from .plots import draw_beside
+
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("handoffs ms:", sorted(report["handoff_raw_ms"]))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
+        draw_beside(args.out)
     return report
 
 

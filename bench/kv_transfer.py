@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .plots import draw_beside
+
 MiB = 1 << 20
 LAYERS, BLOCK_SHAPE, DTYPE = 8, (2, 16, 8, 128), torch.bfloat16
 BLOCK_BYTES = LAYERS * int(np.prod(BLOCK_SHAPE)) * 2
@@ -315,6 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=2)
+        draw_beside(args.out)
     return report
 
 

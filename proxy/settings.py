@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     )
     protect_ops_endpoints: bool = Field(
         default=False,
-        description="Require an API key on /health, /ready and /metrics too.",
+        description="Require an API key on /health, /ready, /metrics and /status too.",
     )
     forward_client_auth: bool = Field(
         default=False,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from ..observe.metrics import IN_FLIGHT
+from ..observe.metrics import IN_FLIGHT, forget_backend
 from ..settings import Settings
 from ..wire.http import HTTPPool
 
@@ -130,7 +130,10 @@ class Registry:
 
     def set_pool_urls(self, role: str, urls: list[str]) -> None:
         pool = self.pool(role)
+        gone = {inst.url for inst in pool.instances} - set(urls)
         pool.set_members([self.instance(url) for url in urls])
+        for url in gone:
+            forget_backend(url, role)
         self._forget_unused()
 
     def _forget_unused(self) -> None:
@@ -153,16 +156,19 @@ class Occupied:
     stream's body) runs: the instance's load for routing and the in-flight gauge, the
     one way every leg is counted."""
 
-    __slots__ = ("inst", "role", "tokens")
+    __slots__ = ("inst", "tokens", "gauge")
 
     def __init__(self, inst: Instance, role: str, tokens: int) -> None:
-        self.inst, self.role, self.tokens = inst, role, tokens
+        self.inst, self.tokens = inst, tokens
+        self.gauge = IN_FLIGHT.labels(inst.url, role)
 
     def __enter__(self) -> Occupied:
         self.inst.acquire(self.tokens)
-        IN_FLIGHT.labels(self.inst.url, self.role).inc()
+        self.gauge.inc()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.inst.release(self.tokens)
-        IN_FLIGHT.labels(self.inst.url, self.role).dec()
+        # The series taken on entry: if the instance left its pool meanwhile, its series
+        # was dropped (forget_backend) and this must not bring it back at -1.
+        self.gauge.dec()

@@ -29,7 +29,7 @@ def _authorize(request: Request) -> None:
         raise ProxyError(401, "Invalid or missing admin key.")
 
 
-def _describe(inst: Instance, live_streams: int) -> dict[str, Any]:
+def describe(inst: Instance, live_streams: int) -> dict[str, Any]:
     return {
         "url": inst.url,
         "healthy": inst.healthy,
@@ -65,7 +65,7 @@ async def list_instances(request: Request) -> Response:
     registry, live = request.app.state.registry, request.app.state.live
     return JSONResponse(
         {
-            role: [_describe(i, live.count(i.url)) for i in registry.pool(role).instances]
+            role: [describe(i, live.count(i.url)) for i in registry.pool(role).instances]
             for role in (PREFILL, DECODE)
         }
     )

@@ -30,7 +30,7 @@ from ..observe.tracing import Tracing
 from ..serve.flow import Gateway, read_body
 from ..serve.vocabulary import CHAT, COMPLETIONS, ENDPOINTS, KIND_OF_PATH, Mode
 from ..settings import Settings
-from . import admin
+from . import admin, status
 from .guard import Guard
 from .openapi import CHAT_REQUEST, COMPLETION_REQUEST, request_body
 
@@ -151,6 +151,7 @@ def create_app(
         title="pdproxy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None
     )
     app.include_router(admin.router)
+    app.include_router(status.router)
 
     @app.exception_handler(ProxyError)
     async def _proxy_error(request: Request, error: ProxyError) -> Response:

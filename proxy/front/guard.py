@@ -17,7 +17,7 @@ from ..errors import error_body
 from ..serve.vocabulary import KIND_OF_PATH
 from ..settings import Settings
 
-OPS_PATHS = ("/health", "/ready", "/metrics")
+OPS_PATHS = ("/health", "/ready", "/metrics", "/status", "/status.json")
 
 
 def _bearer(scope: Scope) -> bytes | None:

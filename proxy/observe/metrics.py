@@ -25,6 +25,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from .recent import Recent
 from .tracing import DISABLED, RequestTrace
 
 LATENCY_BUCKETS = (
@@ -122,6 +123,21 @@ HEALTHY = Gauge(
 
 access_log = logging.getLogger("pdproxy.access")
 
+# The gauges with one series per (backend, role): a backend that leaves a pool must take
+# its series with it, or its last value (healthy, N in flight) is reported forever.
+PER_BACKEND_GAUGES = (HEALTHY, IN_FLIGHT)
+
+
+def forget_backend(url: str, role: str) -> None:
+    """Drop ``url``'s per-backend gauge series for ``role`` (it left that pool).
+
+    Not in multiprocess mode: prometheus-client keeps those values in per-process files
+    and cannot remove a series there (it only warns)."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return
+    for gauge in PER_BACKEND_GAUGES:
+        gauge.remove(url, role)
+
 
 def render() -> bytes:
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
@@ -154,6 +170,7 @@ class RequestRecord:
     error: str | None = None
     completion_tokens: int | None = None
     trace: RequestTrace = DISABLED
+    recent: Recent | None = None  # the status page's last minute, when it is kept
 
     def leg_started(self, leg: str, url: str) -> None:
         """A leg goes to ``url`` (again, on a retry: the prefill timer restarts, the
@@ -200,6 +217,8 @@ class RequestRecord:
         if self.outcome == "ok":
             for phase in ("proxy", "prefill", "handoff", "decode"):
                 PHASE.labels(phase).observe(phases[phase])
+        if self.recent is not None:
+            self.recent.add(self, phases)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(json.dumps(self.log_fields(phases), separators=(",", ":")))
 

@@ -32,6 +32,7 @@ from ..errors import ProxyError
 from ..fleet.backends import DECODE, PREFILL, Instance, Registry
 from ..fleet.live import LiveStreams
 from ..observe.metrics import FALLBACKS, RequestRecord
+from ..observe.recent import Recent
 from ..observe.tracing import Tracing
 from ..settings import PoolDownPolicy, Settings
 from ..wire.sse import DONE_EVENT
@@ -106,17 +107,22 @@ class Gateway:
         registry: Registry,
         tracing: Tracing | None = None,
         live: LiveStreams | None = None,
+        recent: Recent | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.tracing = tracing or Tracing(None)
         self.dispatch = Dispatcher(settings, registry)
         self.live = live or LiveStreams()
+        self.recent = recent or Recent()
 
     async def generate(self, request: Request, kind: str) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         record = RequestRecord(
-            request_id, kind, trace=self.tracing.start(request.headers, f"pdproxy.{kind}")
+            request_id,
+            kind,
+            trace=self.tracing.start(request.headers, f"pdproxy.{kind}"),
+            recent=self.recent,
         )
         headers = {"x-request-id": request_id}
         try:
