@@ -31,26 +31,8 @@ $(STAMP): pyproject.toml
 # Debian's package is about 120 MB to download with its libraries and takes about a minute
 # to install (no recommends: no fonts beyond the base ones, no desktop integration).
 tools:
-	@command -v promtool >/dev/null 2>&1 || { \
-	  command -v apt-get >/dev/null 2>&1 || { echo "make tools: promtool is missing and this is not Debian; install Prometheus's promtool and put it on PATH" >&2; exit 1; }; \
-	  [ "$$(id -u)" = 0 ] || { echo "make tools: promtool is missing; run as root, or: sudo apt-get install --no-install-recommends prometheus" >&2; exit 1; }; \
-	  echo "make tools: installing promtool (Debian package prometheus)"; \
-	  log=$$(mktemp); \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } >"$$log" 2>&1 \
-	    || { cat "$$log" >&2; rm -f "$$log"; echo "make tools: apt-get install prometheus failed" >&2; exit 1; }; \
-	  rm -f "$$log"; \
-	  command -v promtool >/dev/null 2>&1 || { echo "make tools: prometheus installed but promtool is not on PATH" >&2; exit 1; }; \
-	}
-	@command -v chromium >/dev/null 2>&1 || { \
-	  command -v apt-get >/dev/null 2>&1 || { echo "make tools: chromium is missing and this is not Debian; install Chromium and put chromium on PATH" >&2; exit 1; }; \
-	  [ "$$(id -u)" = 0 ] || { echo "make tools: chromium is missing; run as root, or: sudo apt-get install --no-install-recommends chromium" >&2; exit 1; }; \
-	  echo "make tools: installing chromium (Debian package chromium)"; \
-	  log=$$(mktemp); \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } >"$$log" 2>&1 \
-	    || { cat "$$log" >&2; rm -f "$$log"; echo "make tools: apt-get install chromium failed" >&2; exit 1; }; \
-	  rm -f "$$log"; \
-	  command -v chromium >/dev/null 2>&1 || { echo "make tools: chromium installed but not on PATH" >&2; exit 1; }; \
-	}
+	@sh devkit/debian_tool.sh promtool prometheus
+	@sh devkit/debian_tool.sh chromium chromium
 
 demo: $(STAMP)
 	$(PY) -m devkit.demo

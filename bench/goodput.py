@@ -1,6 +1,6 @@
 """Goodput under latency SLOs: P/D through pdproxy against colocated serving, same servers.
 
-``python -m bench.goodput [--shape small] [--mixes chat,rag] [--rates 0.5,1,2] [--seconds 40]``
+``python -m bench.goodput [--shape small] [--mixes chat,rag] [--rates R,R,..] [--seconds 40]``
 
 Two vLLM CPU servers with the PDConnector, each on its own core, and one proxy per arm in
 front of both, so every arm runs on the same hardware and the same engines:
@@ -12,16 +12,16 @@ front of both, so every arm runs on the same hardware and the same engines:
   colocated on B (conditional disaggregation).
 
 The workload is open-loop: Poisson arrivals at each rate, prompt and output lengths drawn
-from a named mix (log-normal around a median, clipped), prompts of fresh random token ids
-(no prefix-cache help), ``ignore_eos`` so every answer has its drawn length. The same
-seed gives every arm the same requests at the same offsets.
+from a named mix (log-normal around a median, clipped), ``ignore_eos`` so every answer
+has its drawn length. The same seed gives every arm the same requests at the same
+offsets; their prompts are random token ids drawn afresh for each arm, because the arms
+share the servers and a prompt one arm sent would be a prefix-cache hit for the next.
 
 Per arm, mix and rate: TTFT p50/p99, ITL p50/p99 over all gaps, the worst gap any stream
 saw (p50 and max over streams), throughput, and goodput: requests per second that met
-both SLOs: TTFT <= ``--ttft-slo`` and their mean time per output token (TPOT, DistServe's
-decode SLO) <= ``--tpot-slo``. The table also gives goodput with both SLOs halved and
-doubled. A figure (goodput against rate, one panel per mix) is written next to the JSON
-when matplotlib is installed.
+both SLOs, a TTFT SLO and one on their mean time per output token (TPOT, DistServe's
+decode SLO), both set per mix in ``MIXES``. The table also gives goodput with both SLOs
+halved and doubled. ``bench.plots`` draws goodput against rate beside the JSON.
 """
 
 from __future__ import annotations
@@ -40,11 +40,26 @@ from typing import Any
 
 import httpx
 
-# Median and clip range of prompt and output lengths, in tokens (scaled to what one CPU
-# core serves with devkit's models: a 1k-token prefill of the "small" one takes ~0.3 s).
-MIXES: dict[str, dict[str, tuple[int, int, int]]] = {
-    "chat": {"prompt": (96, 16, 512), "output": (64, 16, 128)},
-    "rag": {"prompt": (1024, 384, 1800), "output": (32, 8, 64)},
+from .plots import draw_beside
+
+# Per mix: median and clip range of prompt and output lengths in tokens, the arrival
+# rates swept, and the SLOs (scaled to what one CPU core serves with devkit's "small"
+# model: prefill ~500 tokens/s, a decode step ~35 ms, while sharing the machine).
+MIXES: dict[str, dict[str, Any]] = {
+    "chat": {
+        "prompt": (96, 16, 512),
+        "output": (64, 16, 128),
+        "rates": (0.5, 1.0, 2.0),
+        "ttft_slo": 1.0,
+        "tpot_slo": 0.1,
+    },
+    "rag": {
+        "prompt": (1024, 384, 1800),
+        "output": (32, 8, 64),
+        "rates": (0.1, 0.2, 0.3),
+        "ttft_slo": 6.0,
+        "tpot_slo": 0.1,
+    },
 }
 SPREAD = 0.6  # sigma of the log-normal draws
 
@@ -52,8 +67,14 @@ SPREAD = 0.6  # sigma of the log-normal draws
 @dataclass
 class Job:
     at: float  # seconds after the run's start
-    prompt: list[int]
+    prompt_len: int
     output: int
+    index: int
+
+    def prompt(self, arm: str, seed: int) -> list[int]:
+        """Fresh token ids of the drawn length, different for every arm."""
+        rng = random.Random(f"{seed}-{arm}-{self.index}-{self.at}")
+        return [rng.randrange(300, 600) for _ in range(self.prompt_len)]
 
 
 @dataclass
@@ -76,17 +97,15 @@ def workload(mix: str, rate: float, seconds: float, seed: int) -> list[Job]:
         at += rng.expovariate(rate)
         if at >= seconds:
             return jobs
-        length = _draw(rng, *shape["prompt"])
-        jobs.append(Job(at, [rng.randrange(300, 600) for _ in range(length)],
-                        _draw(rng, *shape["output"])))  # fmt: skip
+        jobs.append(Job(at, _draw(rng, *shape["prompt"]), _draw(rng, *shape["output"]), len(jobs)))
 
 
-async def _one(client: httpx.AsyncClient, url: str, job: Job, start: float) -> Outcome:
+async def _one(client: httpx.AsyncClient, url: str, job: Job, prompt: list[int], start: float):
     await asyncio.sleep(max(start + job.at - time.perf_counter(), 0.0))
     sent = time.perf_counter()
     body = {
         "model": "tiny",
-        "prompt": job.prompt,
+        "prompt": prompt,
         "max_tokens": job.output,
         "min_tokens": job.output,
         "ignore_eos": True,
@@ -114,12 +133,15 @@ async def _one(client: httpx.AsyncClient, url: str, job: Job, start: float) -> O
     return out
 
 
-async def drive(url: str, jobs: list[Job]) -> tuple[list[Outcome], float]:
+async def drive(url: str, jobs: list[Job], arm: str, seed: int) -> tuple[list[Outcome], float]:
     """Send every job at its time; wait for all; the outcomes and the makespan."""
+    prompts = [job.prompt(arm, seed) for job in jobs]
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=600.0, limits=limits, trust_env=False) as client:
         start = time.perf_counter()
-        outcomes = await asyncio.gather(*(_one(client, url, job, start) for job in jobs))
+        outcomes = await asyncio.gather(
+            *(_one(client, url, job, prompt, start) for job, prompt in zip(jobs, prompts))
+        )
         return list(outcomes), time.perf_counter() - start
 
 
@@ -183,25 +205,11 @@ def _arms(args: argparse.Namespace, a: str, b: str) -> dict[str, dict[str, Any]]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from devkit import servers, tiny_model
+    from devkit import servers
 
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="goodput-"))
-    cache = servers.REPO_ROOT / ".cache"
-    model = tiny_model.build(
-        cache / ("tiny-llama" if args.shape == "tiny" else f"{args.shape}-llama"), args.shape
-    )
     longest = max(MIXES[m]["prompt"][2] + MIXES[m]["output"][2] for m in args.mixes)
-    engines = [
-        servers.vllm_server(
-            name,
-            model,
-            log_dir,
-            cpu_core=core,
-            max_model_len=longest + 16,
-            kv_transfer_config=servers.pd_connector_config(host="127.0.0.1"),
-        )
-        for name, core in (("a", 0), ("b", 1))
-    ]
+    engines = servers.engine_pair(args.shape, log_dir, max_model_len=longest + 16)
     print(f"logs in {log_dir}", flush=True)
     servers.start_all(engines)
     proxies = {}
@@ -215,25 +223,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             proxies[arm] = proc.start().wait_ready(60)
         # One request per arm first: every engine's and connection's first use is paid here.
         warm = workload(args.mixes[0], 4.0, 1.0, seed=-1)[:2]
-        for proc in proxies.values():
-            asyncio.run(drive(proc.url, warm))
+        for arm, proc in proxies.items():
+            asyncio.run(drive(proc.url, warm, arm, seed=-1))
         rows = []
         for mix in args.mixes:
-            for rate in args.rates:
+            slos = MIXES[mix]["ttft_slo"], MIXES[mix]["tpot_slo"]
+            for turn, rate in enumerate(args.rates or MIXES[mix]["rates"]):
                 jobs = workload(mix, rate, args.seconds, args.seed)
-                for arm, proc in proxies.items():
-                    outcomes, makespan = asyncio.run(drive(proc.url, jobs))
+                arms = list(proxies.items())
+                # Each rate starts with another arm: no arm always runs on the freshest box.
+                for arm, proc in arms[turn % len(arms) :] + arms[: turn % len(arms)]:
+                    outcomes, makespan = asyncio.run(drive(proc.url, jobs, arm, args.seed))
                     row = {"mix": mix, "rate": rate, "arm": arm}
-                    row |= summarize(outcomes, args.seconds, makespan, args.ttft_slo, args.tpot_slo)
+                    row |= {"ttft_slo_ms": slos[0] * 1000, "tpot_slo_ms": slos[1] * 1000}
+                    row |= summarize(outcomes, args.seconds, makespan, *slos)
                     rows.append(row)
                     print(_line(row), flush=True)
                     time.sleep(1.0)  # the servers drain before the next arm
         return {
+            "benchmark": "goodput",
             "shape": args.shape,
             "seconds": args.seconds,
             "seed": args.seed,
-            "ttft_slo_ms": args.ttft_slo * 1000,
-            "tpot_slo_ms": args.tpot_slo * 1000,
             "rows": rows,
         }
     finally:
@@ -266,46 +277,13 @@ def table(report: dict[str, Any]) -> str:
     )
 
 
-def plot(report: dict[str, Any], path: Path) -> Path | None:
-    """Goodput against arrival rate, one panel per mix; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    mixes = list(dict.fromkeys(r["mix"] for r in report["rows"]))
-    fig, axes = plt.subplots(1, len(mixes), figsize=(5.5 * len(mixes), 4), squeeze=False)
-    for ax, mix in zip(axes[0], mixes):
-        rows = [r for r in report["rows"] if r["mix"] == mix]
-        for arm in dict.fromkeys(r["arm"] for r in rows):
-            mine = [r for r in rows if r["arm"] == arm]
-            ax.plot([r["rate"] for r in mine], [r["goodput_rps"] for r in mine], "o-", label=arm)
-        rates = sorted({r["rate"] for r in rows})
-        ax.plot(rates, rates, ":", color="grey", label="offered")
-        ax.set_title(
-            f"{mix}: TTFT <= {report['ttft_slo_ms']:g} ms, TPOT <= {report['tpot_slo_ms']:g} ms"
-        )
-        ax.set_xlabel("arrival rate (requests/s)")
-        ax.set_ylabel("goodput (requests/s within both SLOs)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="small", choices=("tiny", "small"))
     parser.add_argument("--mixes", default="chat,rag", type=lambda s: s.split(","))
-    parser.add_argument("--rates", default="0.5,1,2",
+    parser.add_argument("--rates", default=None, help="comma list (default: the mix's own)",
                         type=lambda s: [float(x) for x in s.split(",")])  # fmt: skip
     parser.add_argument("--seconds", type=float, default=40.0, help="arrivals per run")
-    parser.add_argument("--ttft-slo", type=float, default=1.0, help="seconds")
-    parser.add_argument("--tpot-slo", type=float, default=0.1, help="seconds per token")
     parser.add_argument("--min-prefill", default="", help="comma list: pd-min<N> arms",
                         type=lambda s: [int(x) for x in s.split(",") if x])  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
@@ -317,8 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out or f"bench/results/goodput-{args.shape}-{int(time.time())}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    figure = plot(report, out.with_suffix(".png"))
-    print(f"wrote {out}" + (f" and {figure}" if figure else ""))
+    print(f"wrote {out}")
+    draw_beside(out)
     return report
 
 

@@ -120,25 +120,11 @@ def moves_logged(log_path: Path) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from devkit import servers, tiny_model
+    from devkit import servers
 
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="migration-"))
-    cache = servers.REPO_ROOT / ".cache"
-    model = tiny_model.build(
-        cache / ("tiny-llama" if args.shape == "tiny" else f"{args.shape}-llama"), args.shape
-    )
     lengths = [int(x) for x in args.lengths.split(",")]
-    engines = [
-        servers.vllm_server(
-            name,
-            model,
-            log_dir,
-            cpu_core=core,
-            max_model_len=max(lengths) + TOKENS + 16,
-            kv_transfer_config=servers.pd_connector_config(host="127.0.0.1"),
-        )
-        for name, core in (("a", 0), ("b", 1))
-    ]
+    engines = servers.engine_pair(args.shape, log_dir, max_model_len=max(lengths) + TOKENS + 16)
     print(f"logs in {log_dir}", flush=True)
     servers.start_all(engines)
     proxies = {}

@@ -12,6 +12,8 @@ Which figure a JSON gets depends on its shape:
   row per endpoint;
 - ``bench.handoff`` (``handoff_raw_ms``): the hand-off latency distribution, with its
   median and the decode server's own time to first token (the baseline);
+- ``bench.goodput`` (``benchmark: goodput``): goodput against arrival rate, one panel
+  per workload mix, one line per arm, the offered rate dotted;
 - ``bench.kv_transfer`` (``benchmark: kv_transfer_host_path``): GB/s against payload
   size, the connector's host path and raw loopback TCP (the baseline), every repeat as a
   dot and the medians as lines.
@@ -155,6 +157,31 @@ def plot_kv_transfer(results: dict[str, Any], out: Path) -> None:
     figure.savefig(out)
 
 
+# --- bench.goodput ----------------------------------------------------------------------
+
+
+def plot_goodput(results: dict[str, Any], out: Path) -> None:
+    """Goodput against arrival rate, one panel per workload mix, one line per arm."""
+    rows = results["rows"]
+    mixes = list(dict.fromkeys(r["mix"] for r in rows))
+    figure = _figure(5.5 * len(mixes), 4)
+    axes = figure.subplots(1, len(mixes), squeeze=False)[0]
+    for ax, mix in zip(axes, mixes):
+        mine = [r for r in rows if r["mix"] == mix]
+        for arm in dict.fromkeys(r["arm"] for r in mine):
+            points = sorted((r["rate"], r["goodput_rps"]) for r in mine if r["arm"] == arm)
+            ax.plot(*zip(*points), "o-", label=arm)
+        rates = sorted({r["rate"] for r in mine})
+        ax.plot(rates, rates, ":", color="grey", label="offered")
+        slo = mine[0]
+        ax.set_title(f"{mix}: TTFT <= {slo['ttft_slo_ms']:g} ms, TPOT <= {slo['tpot_slo_ms']:g} ms")
+        ax.set_xlabel("arrival rate (requests/s)")
+        ax.set_ylabel("goodput (requests/s within both SLOs)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.savefig(out)
+
+
 # --- which figure, and the command line --------------------------------------------------
 
 Plotter = Callable[[dict[str, Any], Path], None]
@@ -169,6 +196,8 @@ def plotter_for(results: Any) -> Plotter | None:
         return plot_kv_transfer
     if "handoff_raw_ms" in results:
         return plot_handoff
+    if results.get("benchmark") == "goodput":
+        return plot_goodput
     return None
 
 

@@ -171,6 +171,27 @@ def vllm_server(
     return Process(name, argv, env, port, Path(log_dir) / f"{name}.log", ready_path="/health")
 
 
+def engine_pair(shape: str, log_dir: str | Path, max_model_len: int) -> list[Process]:
+    """Two vLLM CPU servers with the PDConnector serving devkit's model of ``shape``,
+    server ``a`` on core 0 and ``b`` on core 1: the equal hardware the benchmarks that
+    compare serving arms (``bench.goodput``, ``bench.migration``) run on."""
+    from . import tiny_model
+
+    folder = "tiny-llama" if shape == "tiny" else f"{shape}-llama"
+    model = tiny_model.build(REPO_ROOT / ".cache" / folder, shape)
+    return [
+        vllm_server(
+            name,
+            model,
+            log_dir,
+            cpu_core=core,
+            max_model_len=max_model_len,
+            kv_transfer_config=pd_connector_config(host="127.0.0.1"),
+        )
+        for name, core in (("a", 0), ("b", 1))
+    ]
+
+
 def proxy_server(
     name: str,
     log_dir: str | Path,

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
+from .. import background
 from ..observe.metrics import BACKEND_ERRORS, EJECTIONS, HEALTHY
 from ..settings import Settings
 from ..wire.http import HTTPError, HTTPPool
@@ -114,12 +115,7 @@ class HealthMonitor:
         self._task = asyncio.create_task(self._run(), name="pdproxy-health")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await background.cancel(self._task)
         self._http.close()
         await self._client.aclose()
 

@@ -20,6 +20,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
+from .. import background
 from ..settings import Settings
 from .backends import DECODE, PREFILL, Registry
 
@@ -136,9 +137,4 @@ class Membership:
             await asyncio.sleep(self.settings.discovery_interval)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await background.cancel(self._task)

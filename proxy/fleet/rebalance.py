@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 
+from .. import background
 from ..settings import Settings
 from .backends import Registry
 from .live import LiveStreams, Movable
@@ -39,12 +40,7 @@ class Rebalancer:
         self._task = asyncio.create_task(self._run(), name="pdproxy-rebalance")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await background.cancel(self._task)
 
     async def _run(self) -> None:
         while True:

@@ -17,12 +17,13 @@ a tail is told apart from the backends' own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import time
 
 from prometheus_client import Histogram
+
+from .. import background
 
 log = logging.getLogger("pdproxy.stalls")
 
@@ -88,10 +89,7 @@ class StallProbes:
     async def stop(self) -> None:
         if self._gc in gc.callbacks:
             gc.callbacks.remove(self._gc)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await background.cancel(self._task)
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
