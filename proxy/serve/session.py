@@ -211,7 +211,10 @@ class DecodeSession:
                     last = self.last_sent = now
                     yield out[0] if len(out) == 1 else b"".join(out)
                 if self._move is not None and self.transcript.at_boundary:
-                    return  # asked to move: here, on a character boundary
+                    if writer.finish_reason is None and self.can_continue():
+                        return  # asked to move: here, on a character boundary
+                    # Too late: the answer ends on this leg (its last tokens are out).
+                    self._move, self.moving = None, False
             if not self.stream.done_seen:
                 raise LegError(
                     502, f"decode backend {self.inst.url} ended the stream early", leg=DECODE

@@ -88,14 +88,22 @@ class _Writer:
         return int(self.decode_usage.get("completion_tokens", 0)) + self.extra_tokens
 
 
-class CompletionStitcher(_Writer):
-    """A /v1/completions answer continued by a token-id completion leg."""
+class _Stitcher(_Writer):
+    """A writer whose leg is a token-id completion continuing the answer: on a first leg
+    the answer's identity and prompt are P's."""
 
     def __init__(self, plan: Plan, p: PrefillResult, transcript: Transcript, resumed_at=-1):
         super().__init__(plan, p, transcript, resumed_at)
         if not self.resumed:
             transcript.set_base(p.raw)
             transcript.prompt_ids = p.prompt_token_ids
+
+
+class CompletionStitcher(_Stitcher):
+    """A /v1/completions answer continued by a token-id completion leg."""
+
+    def __init__(self, plan: Plan, p: PrefillResult, transcript: Transcript, resumed_at=-1):
+        super().__init__(plan, p, transcript, resumed_at)
         self.id = transcript.base.get("id")
         self.created = transcript.base.get("created")
         self.model = transcript.base.get("model")
@@ -185,14 +193,11 @@ class CompletionStitcher(_Writer):
         return [event(dumps(chunk))]
 
 
-class ChatStitcher(_Writer):
+class ChatStitcher(_Stitcher):
     """A chat answer continued by a token-id completion leg, rewritten into chat chunks."""
 
     def __init__(self, plan: Plan, p: PrefillResult, transcript: Transcript, resumed_at=-1):
         super().__init__(plan, p, transcript, resumed_at)
-        if not self.resumed:
-            transcript.set_base(p.raw)
-            transcript.prompt_ids = p.prompt_token_ids
         self.base = {
             "id": transcript.base.get("id"),
             "object": "chat.completion.chunk",

@@ -1,6 +1,6 @@
 """The goodput benchmark's workload and accounting (the run itself needs vLLM servers)."""
 
-from bench.goodput import MIXES, Outcome, summarize, workload
+from bench.goodput import MIXES, Outcome, Slo, summarize, workload
 
 
 def test_same_seed_same_requests_for_every_arm():
@@ -29,8 +29,10 @@ def test_goodput_counts_requests_within_both_slos():
         Outcome(ttft=0.2, gaps=[0.05] * 9 + [1.5], tokens=11),  # TPOT 0.195 s: too slow
         Outcome(error="HTTP 500"),
     ]
-    got = summarize(outcomes, seconds=2.0, makespan=4.0, ttft_slo=1.0, tpot_slo=0.1)
+    got = summarize(outcomes, seconds=2.0, makespan=4.0, slo=Slo(ttft=1.0, tpot=0.1, gap=1.0))
     assert got["requests"] == 4 and got["errors"] == 1
     assert got["goodput_rps"] == 0.5  # one request in 2 s of arrivals
     assert got["goodput_loose_rps"] == 1.5  # SLOs doubled: all three
     assert got["worst_gap_max_ms"] == 1500.0
+    assert got["goodput_gap_rps"] == 0.5  # the third one paused 1.5 s once
+    assert got["samples_ms"][2] == [200.0, 195.0, 1500.0]

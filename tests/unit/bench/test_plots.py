@@ -70,6 +70,25 @@ KV_TRANSFER = {
     ],
 }
 
+GOODPUT = {
+    "benchmark": "goodput",
+    "rows": [
+        {
+            "mix": mix,
+            "rate": rate,
+            "arm": arm,
+            "goodput_rps": rate * share,
+            "goodput_gap_rps": rate * share * 0.9,
+            "ttft_slo_ms": 1000.0,
+            "tpot_slo_ms": 100.0,
+            "gap_slo_ms": 500.0,
+        }
+        for mix in ("chat", "rag")
+        for arm, share in (("pd", 0.9), ("colocated", 0.7))
+        for rate in (0.5, 1.0, 2.0)
+    ],
+}
+
 
 def write(folder: Path, name: str, results: dict) -> Path:
     path = folder / name
@@ -85,7 +104,12 @@ def assert_png(path: Path | None) -> None:
 
 @pytest.mark.parametrize(
     "name, results",
-    [("bench.json", bench_results()), ("handoff.json", HANDOFF), ("kv.json", KV_TRANSFER)],
+    [
+        ("bench.json", bench_results()),
+        ("handoff.json", HANDOFF),
+        ("kv.json", KV_TRANSFER),
+        ("goodput.json", GOODPUT),
+    ],
 )
 def test_each_result_gets_a_png_beside_it(tmp_path, name, results):
     out = plots.draw_beside(write(tmp_path, name, results))
