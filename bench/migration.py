@@ -36,7 +36,7 @@ import httpx
 ADMIN = "bench-admin"
 AUTH = {"authorization": f"Bearer {ADMIN}"}
 BEFORE_MOVE = 16  # chunks relayed before the drain
-TOKENS = 1024  # tokens per stream: long enough to be moved mid-way
+TOKENS = 1536  # tokens per stream: long enough to be moved mid-way (~2 s on the tiny model)
 
 
 class NotMoved(Exception):
@@ -154,14 +154,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for kind, proc in proxies.items():
                     source, target = (a, b) if rep % 2 == 0 else (b, a)
                     timing = None
-                    for _ in range(3):  # a stream may outrun the drain on a starved box
+                    for _ in range(6):  # a stream may outrun the drain on a starved box
                         try:
                             timing = one_round(proc.url, source, target, length, rng)
                             break
                         except NotMoved:
                             unmoved[kind] += 1
                     if timing is None:
-                        raise RuntimeError("three streams in a row ended before they moved")
+                        raise RuntimeError("six streams in a row ended before they moved")
                     if rep:
                         results[kind].setdefault(length, []).append(timing)
             print(f"context {length}: done", flush=True)
