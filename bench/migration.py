@@ -157,6 +157,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for _ in range(6):  # a stream may outrun the drain on a starved box
                         try:
                             timing = one_round(proc.url, source, target, length, rng)
+                            time.sleep(0.2)  # its log line is written as the move ends
+                            moved = {m["request_id"] for m in moves_logged(proc.log_path)}
+                            if timing["request_id"] not in moved:
+                                raise NotMoved()  # asked too late: it ended where it was
                             break
                         except NotMoved:
                             unmoved[kind] += 1

@@ -99,4 +99,9 @@ class StallProbes:
             lag = max(loop.time() - due, 0.0)
             LOOP_LAG.observe(lag)
             if lag >= SLOW_STALL:
-                log.warning("event loop stalled for %.1f ms", lag * 1000)
+                # The probe cannot tell a busy loop from a process the OS did not run
+                # (a proxy sharing its cores with busy engines): both delay every stream.
+                log.warning(
+                    "event loop woke %.1f ms late (busy, or the process was not scheduled)",
+                    lag * 1000,
+                )
