@@ -215,22 +215,33 @@ def test_rebalance_evens_out_a_skewed_spread(cluster):
         PDPROXY_REBALANCE_THRESHOLD="2",
     )
     connectors_known(proxy, 2)
-    requests = bodies(2000, 6)
-    want = expected(cluster.ref.url, requests)
-    drain(proxy, d2.url)  # a skewed start: every stream on d1
     spread: dict[str, Any] = {}
+    # Two tries: on this two-core machine the proxy's process is at times not scheduled
+    # for a second or more (its loop-lag metric shows it), and the streams may end before
+    # the rebalancer's look. A try it missed still checks every answer.
+    for attempt in range(2):
+        requests = bodies(2000 + 100 * attempt, 6)
+        want = expected(cluster.ref.url, requests)
+        drain(proxy, d2.url)  # a skewed start: every stream on d1
+        asked_before = asked_to_move(proxy)
 
-    def disturb() -> None:
-        spread["before"] = live_streams(proxy)
-        drain(proxy, d2.url, draining=False)
-        wait_for(lambda: asked_to_move(proxy) >= 2, 20, "the rebalancer to move streams")
-        spread["asked"] = asked_to_move(proxy)
+        def disturb() -> None:
+            spread["before"] = live_streams(proxy)
+            drain(proxy, d2.url, draining=False)
+            try:
+                wait_for(lambda: asked_to_move(proxy) - asked_before >= 2, 20, "a rebalance")
+            except AssertionError:
+                return
+            spread["asked"] = asked_to_move(proxy) - asked_before
 
-    got = run_disturbed(proxy.url, requests, disturb)
+        got = run_disturbed(proxy.url, requests, disturb)
+        assert got == want
+        if "asked" in spread:
+            break
+    assert "asked" in spread, "the rebalancer moved no stream in two tries"
     before = spread["before"]
     after = {d1.url: before[d1.url] - spread["asked"], d2.url: before[d2.url] + spread["asked"]}
     print(f"\nrebalance: live streams per decode instance before {before}, after {after}")
-    assert got == want
     # Its first look moves half the gap (6 / 0 -> 4 / 2, PDPROXY_REBALANCE_MAX_MOVES=2) and
     # waits for those to arrive before it looks again; by then the streams left on d1 may
     # have ended (this two-core machine is slow to move a stream: see the README).
