@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import math
 import random
 import statistics
@@ -44,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from .plots import draw_beside
+from .results import save
 
 
 @dataclass
@@ -309,11 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     report = run(args)
     print(table(report))
-    out = Path(args.out or f"bench/results/goodput-{args.shape}-{int(time.time())}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
-    draw_beside(out)
+    save(report, args.out, f"goodput-{args.shape}")
     return report
 
 

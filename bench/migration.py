@@ -33,6 +33,8 @@ from typing import Any
 
 import httpx
 
+from .results import save
+
 ADMIN = "bench-admin"
 AUTH = {"authorization": f"Bearer {ADMIN}"}
 BEFORE_MOVE = 16  # chunks relayed before the drain
@@ -221,9 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     report = run(args)
     print(table(report))
-    out = Path(args.out or f"bench/results/migration-{args.shape}-{int(time.time())}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    save(report, args.out, f"migration-{args.shape}")
     return report
 
 
