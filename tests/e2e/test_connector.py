@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from devkit import servers
+from tests.support.scrape import by_source, metric, pd_stats
 
 BLOCK = 128  # vLLM CPU block size
 N = 12  # tokens each test generates
@@ -124,25 +125,6 @@ def prefill(url: str, prompt: str | list[int], **params: Any) -> dict[str, Any]:
     )
 
 
-def metric(url: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def by_source(proc: servers.Process) -> dict[str, float]:
-    return {
-        s: metric(proc.url, "vllm:prompt_tokens_by_source_total", source=s)
-        for s in ("local_compute", "external_kv_transfer")
-    }
-
-
-def stats(proc: servers.Process) -> dict[str, float]:
-    return httpx.get(proc.control_url + "/pd/stats", timeout=10).json()
-
-
 def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     return {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
 
@@ -164,7 +146,7 @@ def kv_usage(proc: servers.Process) -> float:
 
 def wait_idle(*procs: servers.Process, timeout: float = 15) -> None:
     def idle(proc: servers.Process) -> bool:
-        held = stats(proc)
+        held = pd_stats(proc)
         return kv_usage(proc) == 0 and held["transfers_held"] == 0 and held["pulls_inflight"] == 0
 
     for proc in procs:
@@ -176,7 +158,7 @@ def wait_counted(
 ) -> dict[str, float]:
     """Counters reach the control plane one engine step after the fact."""
     return wait_for(
-        lambda: (d := delta(stats(proc), before))[key] >= want and d, 10, f"{proc.name} {key}"
+        lambda: (d := delta(pd_stats(proc), before))[key] >= want and d, 10, f"{proc.name} {key}"
     )
 
 
@@ -197,7 +179,7 @@ def test_decode_mode_completion_uses_transferred_kv(cluster):
     p, d = cluster.p1, cluster.d1
     text = text_prompt(1, 220)
     want = ids(completion(cluster.ref.url, text))
-    p_before, d_before, src_before = stats(p), stats(d), by_source(d)
+    p_before, d_before, src_before = pd_stats(p), pd_stats(d), by_source(d)
 
     first = prefill(p.url, text)
     params, length = first["kv_transfer_params"], len(prompt_ids(first))
@@ -230,14 +212,14 @@ def test_decode_mode_completion_uses_transferred_kv(cluster):
     sources = wait_sources(d, src_before, length)
     assert sources == {"external_kv_transfer": length, "local_compute": 0}
     wait_idle(p, d)
-    assert delta(stats(p), p_before)["transfers_completed"] == 1
+    assert delta(pd_stats(p), p_before)["transfers_completed"] == 1
 
 
 def test_stitched_mode_completion(cluster):
     p, d = cluster.p1, cluster.d1
     text = text_prompt(2, 300)
     want = ids(completion(cluster.ref.url, text))
-    d_before, src_before = stats(d), by_source(d)
+    d_before, src_before = pd_stats(d), by_source(d)
     first = prefill(p.url, text)
     assert ids(first) == want[:1]
     stitched = prompt_ids(first) + ids(first)
@@ -259,7 +241,7 @@ def test_chat_decode_and_stitched(cluster):
     p, d = cluster.p2, cluster.d2
     content = text_prompt(3, 200)
     want = ids(chat(cluster.ref.url, content))
-    d_before = stats(d)
+    d_before = pd_stats(d)
 
     first = chat(p.url, content, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
     assert ids(first) == want[:1]
@@ -295,7 +277,7 @@ def test_local_prefix_hit_pulls_only_the_tail(cluster):
     prompt = head + [rng.randrange(300, 600) for _ in range(70)]
     completion(d.url, head + [7, 8, 9], max_tokens=1)  # D caches the two full head blocks
     want = ids(completion(cluster.ref.url, prompt))
-    d_before, src_before = stats(d), by_source(d)
+    d_before, src_before = pd_stats(d), by_source(d)
     params = prefill(p.url, prompt)["kv_transfer_params"]
     assert len(params["remote_block_ids"]) == 3
     assert ids(completion(d.url, prompt, kv_transfer_params=params)) == want
@@ -315,7 +297,7 @@ def test_hand_off_latency_on_an_idle_pair(cluster):
     """
     p, d = cluster.p1, cluster.d1
     wait_idle(p, d)
-    before = stats(d)
+    before = pd_stats(d)
     rng = random.Random(12)
     handoffs = []
     for _ in range(6):
@@ -357,7 +339,7 @@ def test_holding_engine_does_not_spin(cluster):
     before, start = process_group_cpu_seconds(p), time.monotonic()
     time.sleep(3)
     used = (process_group_cpu_seconds(p) - before) / (time.monotonic() - start)
-    assert stats(p)["transfers_held"] == 1
+    assert pd_stats(p)["transfers_held"] == 1
     assert used < 0.3, f"P used {used:.2f} cores while only holding blocks"
     wait_idle(p, timeout=20)
 
@@ -369,7 +351,7 @@ def test_release_frees_at_once_and_a_late_pull_recomputes(cluster):
     p, d = cluster.p1, cluster.d2
     text = text_prompt(6, 180)
     want = ids(completion(cluster.ref.url, text))
-    p_before, d_before = stats(p), stats(d)
+    p_before, d_before = pd_stats(p), pd_stats(d)
     params = prefill(p.url, text)["kv_transfer_params"]
     wait_for(lambda: kv_usage(p) > 0, 10, "P to hold the prefill's blocks")
     release = f"http://{params['remote_host']}:{params['control_port']}/pd/release"
@@ -383,7 +365,7 @@ def test_release_frees_at_once_and_a_late_pull_recomputes(cluster):
         "released": False
     }
     assert httpx.post(release, json={"transfer_id": "no-such-id"}).json() == {"released": False}
-    assert delta(stats(p), p_before)["releases"] == 1
+    assert delta(pd_stats(p), p_before)["releases"] == 1
 
     # D is sent the released transfer anyway: the pull is refused, D recomputes.
     assert ids(completion(d.url, text, kv_transfer_params=params)) == want
@@ -394,11 +376,11 @@ def test_release_frees_at_once_and_a_late_pull_recomputes(cluster):
 
 def test_unpulled_lease_expires(cluster):
     p = cluster.p2
-    before = stats(p)
+    before = pd_stats(p)
     prefill(p.url, text_prompt(7, 150), lease_seconds=2)  # a request may shorten its lease
     wait_for(lambda: kv_usage(p) > 0, 10, "P to hold the prefill's blocks")
     wait_idle(p, timeout=20)
-    got = delta(stats(p), before)
+    got = delta(pd_stats(p), before)
     assert got["lease_expiries"] == 1 and got["transfers_completed"] == 0
 
 
@@ -408,14 +390,14 @@ def test_fan_out_to_n_consumers(cluster):
     text = text_prompt(8, 170)
     sampling = {"n": 2, "temperature": 0.8, "seed": 1234}
     want = sorted(c["token_ids"] for c in completion(cluster.ref.url, text, **sampling)["choices"])
-    p_before, d_before = stats(p), stats(d)
+    p_before, d_before = pd_stats(p), pd_stats(d)
     params = prefill(p.url, text, consumers=2)["kv_transfer_params"]
     out = completion(d.url, text, kv_transfer_params=params, **sampling)
     assert sorted(c["token_ids"] for c in out["choices"]) == want
     assert wait_counted(d, d_before, "transfers_ok", 2)["transfers_failed"] == 0
     sent = wait_counted(p, p_before, "pulls_served", 2)
     wait_idle(p, d)
-    sent = delta(stats(p), p_before)
+    sent = delta(pd_stats(p), p_before)
     assert sent["transfers_completed"] == 1 and sent["lease_expiries"] == 0
 
 
@@ -426,7 +408,7 @@ def test_decode_abort_during_pull_cleans_up(cluster):
     params = prefill(p.url, text)["kv_transfer_params"]
     gone = servers.free_port()
     dead = dict(params, remote_port=gone, remote_ports=[gone])
-    d_before = stats(d)
+    d_before = pd_stats(d)
     body = {
         "model": "tiny",
         "prompt": text,
@@ -457,7 +439,7 @@ def test_layout_mismatch_is_refused_and_recomputed(cluster):
     text = text_prompt(10, 140)
     want = ids(completion(cluster.ref.url, text))
     params = prefill(p.url, text)["kv_transfer_params"]
-    d_before = stats(d)
+    d_before = pd_stats(d)
     wrong = dict(params, layout=dict(params["layout"], block_size=16))
     assert ids(completion(d.url, text, kv_transfer_params=wrong)) == want
     got = wait_counted(d, d_before, "pulls_skipped", 1)
@@ -479,7 +461,7 @@ def test_two_prefills_into_one_decode_and_one_into_two(cluster):
     ] * 2
     texts = [text_prompt(100 + i, 150 + 20 * i) for i in range(len(cases))]
     wants = [ids(completion(cluster.ref.url, t)) for t in texts]
-    before = {proc.name: stats(proc) for proc in (cluster.d1, cluster.d2)}
+    before = {proc.name: pd_stats(proc) for proc in (cluster.d1, cluster.d2)}
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
         got = list(
             pool.map(lambda args: flow(*args), [(p, d, t) for (p, d), t in zip(cases, texts)])
@@ -497,7 +479,7 @@ def test_prefill_killed_before_pull(cluster, victim):
     want = ids(completion(cluster.ref.url, text))
     params = prefill(victim.url, text)["kv_transfer_params"]
     victim.kill()
-    d_before = stats(d)
+    d_before = pd_stats(d)
     start = time.monotonic()
     assert ids(completion(d.url, text, kv_transfer_params=params)) == want
     # A dead P is noticed within the connect timeout, not the 30 s pull timeout.

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.support.compare import call
+from tests.support.scrape import metric
 
 PROMPTS = [
     "The river ran past the old mill, where the engine had stood",
@@ -61,17 +62,6 @@ def assert_same(ref_url: str, proxy_url: str, path: str, body: dict) -> dict:
 @pytest.fixture(scope="module")
 def proxy(cluster):
     return cluster.proxy("proxy-1p1d", [cluster.p1], [cluster.d1])
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])

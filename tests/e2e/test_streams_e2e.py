@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from tests.support.compare import Summary, call, summarize_stream
+from tests.support.scrape import by_source, metric, pd_stats
 
 ADMIN = "test-admin-key"
 AUTH = {"authorization": f"Bearer {ADMIN}"}
@@ -120,25 +121,6 @@ def drain(proxy, url: str, draining: bool = True) -> dict[str, Any]:
 def live_streams(proxy) -> dict[str, int]:
     listed = admin(proxy, "GET", "/admin/instances")["decode"]
     return {inst["url"]: inst["live_streams"] for inst in listed}
-
-
-def pd_stats(proc) -> dict[str, float]:
-    return httpx.get(proc.control_url + "/pd/stats", timeout=10).json()
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def by_source(proc) -> dict[str, float]:
-    return {
-        s: metric(proc.url, "vllm:prompt_tokens_by_source_total", source=s)
-        for s in ("local_compute", "external_kv_transfer")
-    }
 
 
 def wait_for(check, timeout: float, what: str):
