@@ -14,7 +14,7 @@ import httpx
 
 from devkit.servers import Process
 
-from . import loadgen, stalls
+from . import loadgen, sse, stalls
 from . import profile as profiling
 from .fake import chat_prompt_ids, generate, token_text
 from .options import DIRECT, PDPROXY, ROUTER, TOY, Options
@@ -189,7 +189,7 @@ async def sanity(url: str, endpoint: str, tokens: int) -> dict[str, Any]:
     ):
         mode = response.headers.get("x-pdproxy-mode")
         status = response.status_code
-        async for line in response.aiter_lines():
+        async for line in sse.alines(response):
             if line.startswith("data: {"):
                 chunk = json.loads(line[6:])
                 for choice in chunk.get("choices") or ():

@@ -43,6 +43,7 @@ from typing import Any
 
 import httpx
 
+from . import sse
 from .results import save
 
 
@@ -127,7 +128,7 @@ async def _one(client: httpx.AsyncClient, url: str, job: Job, prompt: list[int],
             if response.status_code != 200:
                 out.error = f"HTTP {response.status_code}"
                 return out
-            async for line in response.aiter_lines():
+            async for line in sse.alines(response):
                 if not line.startswith("data: {"):
                     continue
                 now = time.perf_counter()

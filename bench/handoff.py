@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from . import sse
 from .plots import draw_beside
 
 
@@ -49,7 +50,7 @@ def first_token_time(client: httpx.Client, url: str, body: dict[str, Any]) -> fl
     with client.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
         r.raise_for_status()
         first = None
-        for line in r.iter_lines():
+        for line in sse.lines(r):
             if first is None and line.startswith("data: {"):
                 first = time.perf_counter()
         assert first is not None, "no data"

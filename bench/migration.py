@@ -33,6 +33,7 @@ from typing import Any
 
 import httpx
 
+from . import sse
 from .results import save
 
 ADMIN = "bench-admin"
@@ -86,7 +87,7 @@ def one_round(
                     headers={"x-request-id": request_id},
                 ) as response:
                     response.raise_for_status()
-                    for line in response.iter_lines():
+                    for line in sse.lines(response):
                         if line.startswith("data: {"):
                             times.append(time.perf_counter())
                             if len(times) == BEFORE_MOVE:

@@ -40,6 +40,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from bench import sse  # noqa: E402
 from devkit import servers, tiny_model  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
@@ -108,7 +109,7 @@ def stream_times(client: httpx.Client, url: str, body: dict) -> tuple[list[float
     with client.stream("POST", url + "/v1/completions", json=body) as response:
         response.raise_for_status()
         mode = response.headers.get("x-pdproxy-mode", "single")
-        for line in response.iter_lines():
+        for line in sse.lines(response):
             if line.startswith("data: {") and '"choices":[{' in line.replace(" ", ""):
                 times.append(time.perf_counter() - start)
     return times, mode

@@ -101,6 +101,14 @@ class Plan:
         (and such an answer cannot be continued elsewhere anyway)."""
         return self.return_token_ids or not self.body.get("echo")
 
+    @property
+    def holds_back_text(self) -> bool:
+        """Whether vLLM streams this answer's text behind its tokens: with a stop string
+        longer than a character (and not included in the output) it keeps the text's
+        last characters back until it knows they do not begin the stop string."""
+        longest = max((len(s) for s in self.stop), default=0)
+        return longest > 1 and not self.body.get("include_stop_str_in_output")
+
 
 # --- small typed readers that raise the 400 a client deserves -------------------------
 

@@ -120,6 +120,8 @@ class DecodeSession:
             return False  # the servers' output parsers see only their own part
         if plan.max_tokens is not None and t.boundary >= plan.max_tokens:
             return False
+        if plan.holds_back_text and t.ids:
+            return False  # the text kept back for sent tokens would be lost with the leg
         return not straddles_stop(t.tail, plan.stop)
 
     # --- the client's stream ------------------------------------------------------------

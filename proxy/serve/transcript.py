@@ -9,7 +9,11 @@ A continuation must start where the text sent so far ends on a character boundar
 byte-level tokenizers split a character's bytes across tokens, vLLM sends ``""`` for
 a token that ends inside one, and an engine given a prompt that ends inside a character
 would emit the wrong text for it. ``boundary`` is how many of the tokens sent end on
-one (the same rule the stitched seam uses: a token whose text was not empty).
+one: up to a chunk of one token whose text was not empty (the rule the stitched seam
+uses). A chunk of several tokens (vLLM merges a request's outputs while its server is
+behind) with text says only that one of them completed a character, so it moves no
+boundary; a continuation after a failure restarts at the boundary, and its writer drops
+the tokens and characters the client already has.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ TAIL_CHARS = 256  # output text kept for checking stop strings across a continua
 class Transcript:
     prompt_ids: list[int] | None = None  # the prompt's token ids (None: not known)
     ids: list[int] = field(default_factory=list)  # output tokens sent
-    boundary: int = 0  # tokens sent up to the last one whose text completed
+    boundary: int = 0  # tokens sent up to the last one known to end a character
     text_len: int = 0  # characters of output text sent (logprob offsets continue there)
+    text_at_boundary: int = 0  # characters of output text the tokens up to boundary make
     tail: str = ""  # the last TAIL_CHARS characters of output text sent
     base: dict[str, Any] = field(default_factory=dict)  # id, created, model, fingerprint
     finish_reason: str | None = None
@@ -36,9 +41,10 @@ class Transcript:
         if ids:
             self.ids.extend(ids)
         if text:
-            self.boundary = len(self.ids)
             self.text_len += len(text)
             self.tail = (self.tail + text)[-TAIL_CHARS:]
+            if ids is None or len(ids) == 1:
+                self.boundary, self.text_at_boundary = len(self.ids), self.text_len
 
     def set_base(self, chunk: dict[str, Any]) -> None:
         """The client's stream identity, from its first chunk (decode mode: D's)."""

@@ -16,14 +16,15 @@ Three writers share one interface (``opening`` events, ``rewrite`` per decode ev
   doing it all); only usage is fixed, and the token ids the proxy asked for removed.
 
 A *resumed* writer continues an answer already under way: it sends no opening, counts
-the tokens sent before its leg, and drops the leg's first chunks if they repeat tokens
-the client already had (the leg restarted at the last character boundary).
+the tokens sent before its leg, and trims from the leg's first chunks the tokens and
+characters the client already has (the leg restarted at the last character boundary,
+and greedy decoding repeats what followed it).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..wire.jsonutil import dumps
 from ..wire.sse import event
@@ -48,6 +49,16 @@ def without_ids(data: bytes) -> bytes:
     return _IDS.sub(rb'"\1":null', data)
 
 
+class _News(NamedTuple):
+    """What a decode choice adds to the answer: tokens, text, and how many of the
+    choice's tokens were repeats trimmed off (their logprobs go with them)."""
+
+    ids: list[int] | None
+    text: str | None
+    dropped: int
+    trimmed: bool
+
+
 class _Writer:
     def __init__(
         self, plan: Plan, p: PrefillResult | None, transcript: Transcript, resumed_at: int = -1
@@ -59,8 +70,10 @@ class _Writer:
         # Output tokens this leg does not count itself: P's token when stitched, every
         # token before the resume point when resumed, none in decode mode.
         self.extra_tokens = resumed_at if self.resumed else self.first_extra
-        # Tokens after the resume point the client already has: their repeats are dropped.
-        self.repeats = len(transcript.ids) - resumed_at if self.resumed else 0
+        # Tokens and characters after the resume point the client already has: the leg
+        # repeats them, and they are trimmed from its first chunks.
+        self.repeat_ids = len(transcript.ids) - resumed_at if self.resumed else 0
+        self.repeat_chars = transcript.text_len - transcript.text_at_boundary if self.resumed else 0
         self.decode_usage: dict[str, Any] | None = None
         self.finish_reason: str | None = None
 
@@ -69,17 +82,20 @@ class _Writer:
     def _usage_for_client(self) -> dict[str, Any]:
         return merged_usage(self.p, self.decode_usage, self.extra_tokens)
 
-    def _take(self, ids: list[int] | None, text: str | None) -> bool:
-        """Record a chunk's tokens; False when it only repeats what the client has."""
-        if self.repeats > 0 and ids:
-            if not text:
-                self.repeats -= len(ids)
-                return False
-            self.repeats = 0  # new text: from here on it is the client's news
-            self.t.add(None, text)
-            return True
+    def _take(self, ids: list[int] | None, text: str | None) -> _News | None:
+        """Record a choice's tokens and text; what of them the client has not seen (None:
+        the choice only repeats what it has)."""
+        dropped = cut = 0
+        if self.repeat_ids and ids:
+            dropped = min(len(ids), self.repeat_ids)
+            ids, self.repeat_ids = ids[dropped:], self.repeat_ids - dropped
+        if self.repeat_chars and text:
+            cut = min(len(text), self.repeat_chars)
+            text, self.repeat_chars = text[cut:], self.repeat_chars - cut
+        if (dropped or cut) and not ids and not text:
+            return None
         self.t.add(ids, text)
-        return True
+        return _News(ids, text, dropped, bool(dropped or cut))
 
     @property
     def completion_tokens_seen(self) -> int | None:
@@ -108,7 +124,7 @@ class CompletionStitcher(_Stitcher):
         self.created = transcript.base.get("created")
         self.model = transcript.base.get("model")
         self.offset_base = (
-            transcript.text_len if self.resumed else _offset_after(p.choice.get("logprobs"))
+            transcript.text_at_boundary if self.resumed else _offset_after(p.choice.get("logprobs"))
         )
 
     def opening(self) -> list[bytes]:
@@ -153,8 +169,13 @@ class CompletionStitcher(_Stitcher):
         )
         ids_present = False
         for choice in chunk.get("choices") or ():
-            if not self._take(choice.get("token_ids"), choice.get("text")):
+            news = self._take(choice.get("token_ids"), choice.get("text"))
+            if news is None:
                 return None
+            if news.trimmed:
+                choice["token_ids"], choice["text"] = news.ids, news.text or ""
+                _drop_first(choice.get("logprobs"), news.dropped)
+                changed = True
             ids_present = ids_present or choice.get("token_ids") is not None
             if choice.get("logprobs"):
                 _shift_offsets(choice["logprobs"], self.offset_base)
@@ -252,7 +273,8 @@ class ChatStitcher(_Stitcher):
         out = None
         for choice in chunk.get("choices") or ():
             ids = choice.get("token_ids")
-            if not self._take(ids, choice.get("text")):
+            news = self._take(ids, choice.get("text"))
+            if news is None:
                 return None
             if chunk.get("usage") is not None:
                 used = int(chunk["usage"].get("completion_tokens", 0))
@@ -261,14 +283,14 @@ class ChatStitcher(_Stitcher):
                 self.completion_tokens += len(ids)
             chat_choice: dict[str, Any] = {
                 "index": 0,
-                "delta": {"content": choice.get("text") or ""},
+                "delta": {"content": news.text or ""},
                 "logprobs": None,
                 "finish_reason": choice.get("finish_reason"),
             }
             if choice.get("finish_reason") is not None:
                 self.finish_reason = self.t.finish_reason = choice["finish_reason"]
                 chat_choice["stop_reason"] = choice.get("stop_reason")
-            chat_choice["token_ids"] = ids if self.plan.return_token_ids else None
+            chat_choice["token_ids"] = news.ids if self.plan.return_token_ids else None
             out = self._chunk(chat_choice, self.completion_tokens)
             if choice.get("finish_reason") is not None and not self.plan.include_usage:
                 fingerprint = self.t.base.get("system_fingerprint")
@@ -306,7 +328,7 @@ class DecodeRelay(_Writer):
         ids_present = chunk.get("prompt_token_ids") is not None
         for choice in chunk.get("choices") or ():
             text = (choice.get("delta") or {}).get("content") if self.plan.kind == CHAT else None
-            if not self._take(choice.get("token_ids"), choice.get("text") or text):
+            if self._take(choice.get("token_ids"), choice.get("text") or text) is None:
                 return None
             ids_present = ids_present or choice.get("token_ids") is not None
             ids_present = ids_present or choice.get("prompt_token_ids") is not None
@@ -334,6 +356,14 @@ class DecodeRelay(_Writer):
 
     def closing(self) -> list[bytes]:
         return []
+
+
+def _drop_first(logprobs: dict[str, Any] | None, count: int) -> None:
+    """Trim a completions choice's logprobs by its first ``count`` tokens."""
+    if logprobs and count:
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            if isinstance(logprobs.get(key), list):
+                logprobs[key] = logprobs[key][count:]
 
 
 def make_writer(mode: Mode, plan: Plan, p: PrefillResult | None, transcript: Transcript):

@@ -21,7 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.compare import Summary, call, summarize_stream
+from bench import sse
+from tests.support.compare import Summary, call, differences, summarize_stream
 from tests.support.scrape import by_source, metric, pd_stats
 
 ADMIN = "test-admin-key"
@@ -64,7 +65,7 @@ def stream(url: str, path: str, body: dict[str, Any], progress: threading.Semaph
     chunks = 0
     with httpx.Client(timeout=180) as client:
         with client.stream("POST", url + path, json=body) as response:
-            for line in response.iter_lines():
+            for line in sse.lines(response):
                 lines.append(line)
                 if line.startswith("data: {"):
                     chunks += 1
@@ -176,7 +177,7 @@ def test_drain_moves_live_streams_with_their_kv(cluster, two_decoders):
             got = run_disturbed(proxy.url, requests, disturb)
         finally:
             drain(proxy, d1.url, draining=False)
-        assert got == want
+        assert got == want, differences(got, want)
         return moved["moving_streams"] >= 1
 
     disturbed_in_time(scenario)
@@ -237,7 +238,7 @@ def test_rebalance_evens_out_a_skewed_spread(cluster):
             spread["asked"] = asked_to_move(proxy) - asked_before
 
         got = run_disturbed(proxy.url, requests, disturb)
-        assert got == want
+        assert got == want, differences(got, want)
         return "asked" in spread
 
     disturbed_in_time(scenario)
@@ -303,7 +304,7 @@ def test_decode_server_killed_mid_stream_continues_elsewhere(cluster, victim):
                 victim.kill()  # SIGKILL: a crash with streams in flight
 
         got = run_disturbed(proxy.url, requests, disturb)
-        assert got == want
+        assert got == want, differences(got, want)
         return on_victim[0] >= 1
 
     disturbed_in_time(scenario)

@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 
+from bench import sse
+
 
 @dataclass
 class Summary:
@@ -160,7 +162,7 @@ def call(
             if response.status_code != 200:
                 response.read()
                 return summarize_response(response)
-            lines = [line for line in response.iter_lines()]
+            lines = list(sse.lines(response))
             return summarize_stream(
                 lines,
                 response.status_code,
@@ -168,3 +170,29 @@ def call(
                 dict(response.headers),
             )
     return summarize_response(client.post(base_url + path, json=body, headers=headers, timeout=300))
+
+
+def _first_difference(a, b) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def differences(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> str:
+    """Where comparable summaries differ, one line per field, sequences from their first
+    difference on: a failed comparison of long streams says what broke."""
+    lines = [f"{len(got)} answers, {len(want)} expected"] if len(got) != len(want) else []
+    for i, (g, w) in enumerate(zip(got, want)):
+        for key in w:
+            if g.get(key) == w[key]:
+                continue
+            if key not in ("texts", "token_ids"):
+                lines.append(f"#{i} {key}: got {g.get(key)!r} want {w[key]!r}")
+                continue
+            for index in sorted(set(g[key]) | set(w[key])):
+                a, b = g[key].get(index, []), w[key].get(index, [])
+                at = _first_difference(a, b)
+                window = slice(max(0, at - 40), at + 60)
+                lines.append(
+                    f"#{i} {key}[{index}] differ at {at} of {len(a)}/{len(b)}:"
+                    f" got {a[window]!r} want {b[window]!r}"
+                )
+    return "\n".join(lines)
