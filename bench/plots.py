@@ -16,7 +16,10 @@ Which figure a JSON gets depends on its shape:
   per workload mix, one line per arm, the offered rate dotted;
 - ``bench.kv_transfer`` (``benchmark: kv_transfer_host_path``): GB/s against payload
   size, the connector's host path and raw loopback TCP (the baseline), every repeat as a
-  dot and the medians as lines.
+  dot and the medians as lines;
+- ``bench.scaling`` (``benchmark: scaling``): chunks/s against ``PDPROXY_WORKERS``, with
+  one worker's rate times N (linear scaling, the baseline) dotted, and the proxy's CPU
+  per chunk.
 
 Figures are drawn on matplotlib's Agg canvas (no display, no pyplot state).
 """
@@ -189,6 +192,30 @@ def plot_goodput(results: dict[str, Any], out: Path) -> None:
     figure.savefig(out)
 
 
+def plot_scaling(results: dict[str, Any], out: Path) -> None:
+    cells = sorted(results["cells"], key=lambda c: c["workers"])
+    workers = [c["workers"] for c in cells]
+    figure = _figure(10, 4)
+    rate, cost = figure.subplots(1, 2)
+    rate.plot(workers, [c["chunks_per_s"] for c in cells], "o-", label="pdproxy")
+    one = next((c["chunks_per_s"] for c in cells if c["workers"] == 1), None)
+    if one:
+        rate.plot(workers, [one * w for w in workers], ":", color="gray", label="1 worker x N")
+    for c in cells:
+        if not c["proxy_bound"]:
+            rate.annotate("not proxy-bound", (c["workers"], c["chunks_per_s"]), fontsize="small")
+    rate.set_title("throughput (chunks/s)")
+    cost.plot(workers, [c["proxy_cpu_us_per_chunk"] for c in cells], "o-")
+    cost.set_title("proxy CPU per chunk (us)")
+    cost.set_ylim(bottom=0)
+    for ax in (rate, cost):
+        _log2_axis(ax, workers)
+        ax.set_xlabel("PDPROXY_WORKERS (one core each)")
+        ax.grid(alpha=0.3)
+    rate.legend(fontsize="small")
+    figure.savefig(out)
+
+
 # --- which figure, and the command line --------------------------------------------------
 
 Plotter = Callable[[dict[str, Any], Path], None]
@@ -197,6 +224,8 @@ Plotter = Callable[[dict[str, Any], Path], None]
 def plotter_for(results: Any) -> Plotter | None:
     if not isinstance(results, dict):
         return None
+    if results.get("benchmark") == "scaling":
+        return plot_scaling
     if "cells" in results:
         return plot_bench
     if results.get("benchmark") == "kv_transfer_host_path":

@@ -26,7 +26,7 @@ mkdir -p "$STASH" "$OUT"
 T0=$(date +%s.%N)
 el() { python3 -c "import time; print(f'{time.time()-$T0:.1f}s')"; }
 
-case "${1:?deps|part N|final N|realsize|check}" in
+case "${1:?deps|part N|final N|realsize|check|scaling}" in
 deps)
   echo "stash before: $(ls $STASH 2>/dev/null | tr '\n' ' ')"
   cp .gpu/deps.tar "$STASH/" && tar -xf "$STASH/deps.tar" -C "$STASH" && rm "$STASH/deps.tar" || exit 1
@@ -80,5 +80,14 @@ check)
   if [ -f .gpu/extra.tar ] && [ ! -d "$SITE/orjson" ]; then mkdir -p "$STASH/extra" && tar -xf .gpu/extra.tar -C "$STASH/extra" && $PIP "$STASH"/extra/*.whl; fi
   export PYTHONPATH=$SITE:$(pwd)
   timeout 560 python3 "$HERE/pd_gpu.py"; echo "pd_gpu rc=$? total $(el)"
+  ;;
+scaling)
+  # PDPROXY_WORKERS on this machine's CPU cores (bench/scaling.py): the proxy, fake
+  # engines and load generators only, no vLLM; after `deps` in the same call.
+  [ -d "$SITE/fastapi" ] || { echo "deps not installed on this machine (run deps first)"; exit 3; }
+  if [ ! -d "$SITE/orjson" ]; then mkdir -p "$STASH/extra" && tar -xf .gpu/extra.tar -C "$STASH/extra" && $PIP "$STASH"/extra/*.whl; fi
+  export PYTHONPATH=$SITE:$(pwd)
+  lscpu | grep -E "^(Model name|CPU\(s\)|Thread|Core|Socket|NUMA node)" ; ulimit -n 65536 2>/dev/null
+  timeout 540 python3 -m bench.scaling ${SCALING_ARGS:-} --out "$OUT/scaling.json"; echo "scaling rc=$? total $(el)"
   ;;
 esac

@@ -191,3 +191,18 @@ def test_kv_transfer_bench_moves_the_bytes():
     (row,) = report["results"]
     assert row["bytes"] == 1 << 20 and row["transport_gbps"] > 0 and row["raw_tcp_gbps"] > 0
     assert "| 1 MiB |" in kv_transfer.table(report)
+
+
+def test_scaling_bench_runs_a_cell(tmp_path):
+    """``bench.scaling`` starts its fakes, a proxy and its load generators, and measures."""
+    from bench import scaling
+
+    args = scaling.parse_args(
+        ["--workers", "1", "--proxy-cores", "0", "--load-cores", "0", "--fakes", "1",
+         "--loadgens", "2", "--concurrency-per-worker", "4", "--duration", "2",
+         "--warmup", "1"]
+    )  # fmt: skip
+    (cell,) = scaling.run(args)["cells"]
+    assert cell["workers"] == 1 and cell["concurrency"] == 4 and cell["errors"] == 0
+    assert cell["chunks_per_s"] > 0 and cell["proxy_cores_busy"] > 0
+    assert len(cell["loadgens_cores_busy"]) == 2 and len(cell["fakes_cores_busy"]) == 2

@@ -96,6 +96,16 @@ def write(folder: Path, name: str, results: dict) -> Path:
     return path
 
 
+SCALING = {
+    "benchmark": "scaling",
+    "cells": [
+        {"workers": w, "chunks_per_s": 27000.0 * w * eff, "proxy_cpu_us_per_chunk": 37.0 / eff,
+         "proxy_bound": eff > 0.8}
+        for w, eff in ((1, 1.0), (2, 0.97), (4, 0.9), (8, 0.7))
+    ],
+}  # fmt: skip
+
+
 def assert_png(path: Path | None) -> None:
     assert path is not None and path.is_file()
     data = path.read_bytes()
@@ -109,6 +119,7 @@ def assert_png(path: Path | None) -> None:
         ("handoff.json", HANDOFF),
         ("kv.json", KV_TRANSFER),
         ("goodput.json", GOODPUT),
+        ("scaling.json", SCALING),
     ],
 )
 def test_each_result_gets_a_png_beside_it(tmp_path, name, results):
