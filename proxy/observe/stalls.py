@@ -30,6 +30,7 @@ log = logging.getLogger("pdproxy.stalls")
 STALL_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 LAG_PERIOD = 0.1
 SLOW_STALL = 0.05  # a stall this long is logged too: it is in some client's latency
+WARN_EVERY = 10.0  # seconds between two warning lines of one kind (the rest are counted)
 
 LOOP_LAG = Histogram(
     "pdproxy_event_loop_lag_seconds",
@@ -44,12 +45,40 @@ GC_PAUSE = Histogram(
 )
 
 
+class StallLog:
+    """Warnings for one kind of stall, at most one line per ``WARN_EVERY`` seconds.
+
+    A starved machine stalls every few hundred milliseconds; a line for each would bury
+    the log. The first stall after a quiet spell is logged at once; the next line says
+    how many were left out meanwhile and the worst of them (the histograms have all).
+    """
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self._clock = clock
+        self._last = float("-inf")
+        self._left_out = 0
+        self._worst_ms = 0.0
+
+    def __call__(self, ms: float, message: str, *args: object) -> None:
+        now = self._clock()
+        if now - self._last < WARN_EVERY:
+            self._left_out += 1
+            self._worst_ms = max(self._worst_ms, ms)
+            return
+        if self._left_out:
+            message += " (and %d more since the last such line, the worst %.1f ms)"
+            args += (self._left_out, self._worst_ms)
+        log.warning(message, *args)
+        self._last, self._left_out, self._worst_ms = now, 0, 0.0
+
+
 class _GCTimer:
     """``gc.callbacks`` hook: one histogram observation per collection."""
 
     def __init__(self) -> None:
         self.started = 0.0
         self.children = [GC_PAUSE.labels(str(generation)) for generation in range(3)]
+        self.warn = StallLog()
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -58,8 +87,8 @@ class _GCTimer:
         pause = time.perf_counter() - self.started
         self.children[info["generation"]].observe(pause)
         if pause >= SLOW_STALL:
-            log.warning("garbage collection of generation %d took %.1f ms",
-                        info["generation"], pause * 1000)  # fmt: skip
+            self.warn(pause * 1000, "garbage collection of generation %d took %.1f ms",
+                      info["generation"], pause * 1000)  # fmt: skip
 
 
 def freeze_startup_heap() -> None:
@@ -93,6 +122,7 @@ class StallProbes:
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
+        warn = StallLog()
         while True:
             due = loop.time() + LAG_PERIOD
             await asyncio.sleep(LAG_PERIOD)
@@ -101,7 +131,8 @@ class StallProbes:
             if lag >= SLOW_STALL:
                 # The probe cannot tell a busy loop from a process the OS did not run
                 # (a proxy sharing its cores with busy engines): both delay every stream.
-                log.warning(
+                warn(
+                    lag * 1000,
                     "event loop woke %.1f ms late (busy, or the process was not scheduled)",
                     lag * 1000,
                 )

@@ -6,7 +6,7 @@ import time
 
 from prometheus_client import REGISTRY
 
-from proxy.observe.stalls import StallProbes
+from proxy.observe.stalls import WARN_EVERY, StallLog, StallProbes
 
 
 def _value(name: str, **labels: str) -> float:
@@ -30,3 +30,16 @@ async def test_a_blocked_loop_and_a_collection_are_recorded():
     assert _value(lag_count) - _value(over_20ms, le="0.02") > before_lag  # one lag > 20 ms
     assert _value("pdproxy_gc_pause_seconds_count", generation="2") == before_gc + 1
     assert probes._gc not in gc.callbacks
+
+
+def test_stall_warnings_are_one_line_per_period_with_a_count(caplog):
+    now = [0.0]
+    warn = StallLog(clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="pdproxy.stalls"):
+        for at, ms in ((0.0, 60.0), (0.3, 900.0), (0.6, 70.0), (WARN_EVERY + 1, 55.0)):
+            now[0] = at
+            warn(ms, "loop woke %.1f ms late", ms)
+    assert [r.getMessage() for r in caplog.records] == [
+        "loop woke 60.0 ms late",
+        "loop woke 55.0 ms late (and 2 more since the last such line, the worst 900.0 ms)",
+    ]
