@@ -203,7 +203,9 @@ def plot_scaling(results: dict[str, Any], out: Path) -> None:
         rate.plot(workers, [one * w for w in workers], ":", color="gray", label="1 worker x N")
     for c in cells:
         if not c["proxy_bound"]:
-            rate.annotate("not proxy-bound", (c["workers"], c["chunks_per_s"]), fontsize="small")
+            rate.annotate(
+                "proxy not saturated", (c["workers"], c["chunks_per_s"]), fontsize="small"
+            )
     rate.set_title("throughput (chunks/s)")
     cost.plot(workers, [c["proxy_cpu_us_per_chunk"] for c in cells], "o-")
     cost.set_title("proxy CPU per chunk (us)")

@@ -7,8 +7,9 @@ For each N in ``--workers``, pdproxy runs N workers pinned to N cores of its own
 The concurrency grows with N (``--concurrency-per-worker`` each), enough to keep every
 worker busy, so a cell measures what N workers can carry: token chunks per second, the
 proxy's CPU (its whole process tree) per chunk, and how busy the proxy's and the load
-side's cores were. A cell where the proxy's cores were not nearly all busy was limited
-by something else (the load side, the kernel, the fakes): its line says so.
+side's cores were. A cell where the proxy's cores were not nearly all busy did not
+measure the proxy's capacity (the offered load, the fakes or the load generators set its
+rate): its line says so.
 
 ``python -m bench.scaling --workers 1,2,4 --proxy-cores 0-3 --load-cores 4-15``
 (defaults: the first half of the cores for the proxy, the rest for the load).
@@ -174,7 +175,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def line(c: dict[str, Any], base: dict[str, Any]) -> str:
     speedup = c["chunks_per_s"] / base["chunks_per_s"] if base["chunks_per_s"] else 0.0
-    note = "" if c["proxy_bound"] else "  (not proxy-bound: the load side or the kernel limited it)"
+    note = (
+        ""
+        if c["proxy_bound"]
+        else "  (proxy not saturated: the offered load or the load side set the rate)"
+    )
     return (
         f"workers {c['workers']:>2}  c={c['concurrency']:<5} {c['chunks_per_s']:>9.0f} chunks/s"
         f"  x{speedup:.2f}  proxy {c['proxy_cores_busy']:.2f} cores"
