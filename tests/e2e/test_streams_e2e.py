@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import random
 import re
+import signal
 import threading
 import time
 from typing import Any
@@ -58,7 +60,9 @@ def bodies(seed: int, count: int) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def stream(url: str, path: str, body: dict[str, Any], progress: threading.Semaphore) -> Summary:
+def stream(
+    url: str, path: str, body: dict[str, Any], progress: threading.Semaphore, seen=None
+) -> Summary:
     """One client stream, read as it comes; releases ``progress`` once it has relayed
     MOVE_AFTER chunks (the stream goes on: the disturbance meets it mid-way)."""
     lines: list[str] = []
@@ -73,9 +77,12 @@ def stream(url: str, path: str, body: dict[str, Any], progress: threading.Semaph
                         progress.release()
             if chunks < MOVE_AFTER:
                 progress.release()
-            return summarize_stream(
+            summary = summarize_stream(
                 lines, response.status_code, response.headers.get("content-type", "")
             )
+            if seen is not None:
+                seen.append(summary)
+            return summary
 
 
 def expected(ref_url: str, requests: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -83,12 +90,12 @@ def expected(ref_url: str, requests: list[tuple[str, dict[str, Any]]]) -> list[d
         return [call(client, ref_url, path, body).comparable() for path, body in requests]
 
 
-def run_disturbed(proxy_url: str, requests, disturb) -> list[dict[str, Any]]:
+def run_disturbed(proxy_url: str, requests, disturb, seen=None) -> list[dict[str, Any]]:
     """Run the streams; once each has relayed MOVE_AFTER chunks, ``disturb()`` while they
-    go on; their summaries."""
+    go on; their summaries (and each whole ``Summary`` appended to ``seen``)."""
     progress = threading.Semaphore(0)
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-        futures = [pool.submit(stream, proxy_url, p, b, progress) for p, b in requests]
+        futures = [pool.submit(stream, proxy_url, p, b, progress, seen) for p, b in requests]
         for _ in requests:
             assert progress.acquire(timeout=300)
         disturb()
@@ -206,6 +213,49 @@ def test_drain_moves_live_streams_with_their_kv(cluster, two_decoders):
     # when the KV covered all of it.)
     external, local = sources["external_kv_transfer"], sources["local_compute"]
     assert external >= 128 * moving and external > local
+
+
+def test_streams_move_exactly_when_their_server_merges_tokens(cluster, two_decoders):
+    """vLLM merges a request's tokens into one chunk while its API server is behind (here:
+    stopped for a moment while its engine goes on). Such a chunk does not say which of
+    its tokens ended a character, so a move asked for meanwhile waits for one that does;
+    every stream moved still equals the reference, text and token ids."""
+    proxy, d1, d2 = two_decoders, cluster.d1, cluster.d2
+    seen: list[Summary] = []
+    moved: dict[str, Any] = {}
+
+    def scenario(attempt: int) -> bool:
+        requests = bodies(4000 + 100 * attempt, 3)
+        for _, body in requests:
+            body["return_token_ids"] = True  # to see the merged chunks
+        want = expected(cluster.ref.url, requests)
+        drain(proxy, d2.url)  # every stream starts on d1
+        seen.clear()
+
+        def disturb() -> None:
+            # The engine goes on while its API server is stopped; the drain comes then,
+            # so the first chunk each stream gets afterwards is a merged one.
+            os.kill(d1.proc.pid, signal.SIGSTOP)
+            try:
+                time.sleep(0.4)
+                drain(proxy, d2.url, draining=False)
+                moved.update(drain(proxy, d1.url))
+                time.sleep(0.2)
+            finally:
+                os.kill(d1.proc.pid, signal.SIGCONT)
+
+        try:
+            got = run_disturbed(proxy.url, requests, disturb, seen)
+        finally:
+            os.kill(d1.proc.pid, signal.SIGCONT)
+            drain(proxy, d1.url, draining=False)
+        assert got == want, differences(got, want)
+        return moved["moving_streams"] >= 1
+
+    disturbed_in_time(scenario)
+    merged = max(summary.most_ids_in_a_chunk for summary in seen)
+    print(f"\nmerged: up to {merged} tokens in a chunk; moved {moved}")
+    assert merged > 1  # the premise: the server did merge
 
 
 def test_rebalance_evens_out_a_skewed_spread(cluster):

@@ -33,6 +33,7 @@ class Summary:
     content_type: str = ""
     headers: dict[str, str] = field(default_factory=dict)
     error: Any = None
+    most_ids_in_a_chunk: int = 0  # > 1: the server merged tokens into one chunk
 
     def comparable(self, *, cached: bool = False) -> dict[str, Any]:
         usage = dict(self.usage or {})
@@ -141,6 +142,9 @@ def summarize_stream(
                 summary.texts[index] = summary.texts.get(index, "") + choice["text"]
             if choice.get("token_ids") is not None:
                 summary.token_ids.setdefault(index, []).extend(choice["token_ids"])
+                summary.most_ids_in_a_chunk = max(
+                    summary.most_ids_in_a_chunk, len(choice["token_ids"])
+                )
             if choice.get("finish_reason") is not None:
                 summary.finish[index] = choice["finish_reason"]
                 summary.stop_reason[index] = choice.get("stop_reason")
