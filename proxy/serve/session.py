@@ -47,7 +47,7 @@ from ..wire.kv_params import with_migration_key
 from ..wire.sse import DONE_EVENT
 from .dispatch import Dispatcher
 from .held_kv import HeldKV
-from .legs import EventStream, LegError
+from .legs import EventStream, LegError, call_json
 from .migration import Migration
 from .plan import Plan, continuation_body, straddles_stop
 from .stitch import PrefillResult
@@ -56,6 +56,8 @@ from .vocabulary import CHAT, COMPLETIONS, ENDPOINTS, Mode
 from .writers import make_writer, resume_writer
 
 log = logging.getLogger("pdproxy.session")
+
+SETTLE_TRIES = 6  # tokens stepped back from the end to find where the text is whole
 
 
 class DecodeSession:
@@ -93,6 +95,7 @@ class DecodeSession:
         self.last_sent = time.perf_counter()
         self._leg_open = False
         self._occupied: Occupied | None = None
+        self._settled_ms: float | None = None  # the tokenizer asked where to move, for the log
 
     # --- the leg's identity, known to its connector ----------------------------------
 
@@ -212,7 +215,10 @@ class DecodeSession:
                         itl.observe(now - last)
                     last = self.last_sent = now
                     yield out[0] if len(out) == 1 else b"".join(out)
-                if self._move is not None and self.transcript.at_boundary:
+                t = self.transcript
+                if self._move is not None and (
+                    t.at_boundary or (t.unsure and await self._settle_boundary())
+                ):
                     if writer.finish_reason is None and self.can_continue():
                         return  # asked to move: here, on a character boundary
                     # Too late: the answer ends on this leg (its last tokens are out).
@@ -237,6 +243,36 @@ class DecodeSession:
             self._failure = error
             self._move = ("failure", None)
 
+    async def _settle_boundary(self) -> bool:
+        """After a merged chunk: find the last token sent where the text is whole, from
+        the source's tokenizer (vLLM's ``/detokenize``), trying the tokens sent from the
+        last back (a character is at most four bytes); whether it found one (the move
+        restarts there; its writer drops the tokens after it, which the client has). On
+        any doubt the move waits for the next chunk that marks a boundary itself."""
+        found = False
+        t = self.transcript
+        model = (self.p.raw.get("model") if self.p else None) or t.base.get("model")
+        started = time.perf_counter()
+        try:
+            for end in range(len(t.ids), max(t.boundary, len(t.ids) - SETTLE_TRIES), -1):
+                answer = await call_json(
+                    self.dispatcher.registry.http, self.inst, DECODE, "/detokenize",
+                    {"model": model, "tokens": t.ids[max(0, end - 16) : end]}, {},
+                    self.settings.migration_timeout,
+                )  # fmt: skip
+                text = answer.get("prompt")
+                if not isinstance(text, str):
+                    break
+                if not text.endswith("\ufffd"):  # whole: the tokens after end had no text
+                    t.settle(end)
+                    found = True
+                    break
+        except ProxyError as exc:
+            log.info("no boundary from %s's tokenizer: %s", self.inst.url, exc.message)
+        t.unsure = False  # asked once per merged chunk
+        self._settled_ms = (time.perf_counter() - started) * 1000
+        return found
+
     async def _continue(self, reason: str, target: Instance | None):
         """Close the current leg and continue the answer on another instance: with the
         KV when asked to move, by recomputing after a failure (or when the KV cannot
@@ -252,6 +288,8 @@ class DecodeSession:
         paused_at = self.last_sent
         migration = Migration(self.dispatcher, source, self.leg_key(), self.settings)
         steps: dict[str, float] = {}  # where the pause went, for the log line
+        if self._settled_ms is not None:
+            steps["boundary"], self._settled_ms = self._settled_ms, None
         mark = time.perf_counter()
 
         def step(name: str) -> None:

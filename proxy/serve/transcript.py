@@ -12,8 +12,9 @@ would emit the wrong text for it. ``boundary`` is how many of the tokens sent en
 one: up to a chunk of one token whose text was not empty (the rule the stitched seam
 uses). A chunk of several tokens (vLLM merges a request's outputs while its server is
 behind) with text says only that one of them completed a character, so it moves no
-boundary; a continuation after a failure restarts at the boundary, and its writer drops
-the tokens and characters the client already has.
+boundary and leaves the transcript ``unsure``: a move then asks the source's tokenizer
+where the text is whole (``settle``); a continuation after a failure restarts at the
+boundary, and its writer drops the tokens and characters the client already has.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Transcript:
     tail: str = ""  # the last TAIL_CHARS characters of output text sent
     base: dict[str, Any] = field(default_factory=dict)  # id, created, model, fingerprint
     finish_reason: str | None = None
+    unsure: bool = False  # a merged chunk with text came after the boundary
     prompt_tokens_details: dict[str, Any] | None = None
 
     def add(self, ids: list[int] | None, text: str | None) -> None:
@@ -45,6 +47,14 @@ class Transcript:
             self.tail = (self.tail + text)[-TAIL_CHARS:]
             if ids is None or len(ids) == 1:
                 self.boundary, self.text_at_boundary = len(self.ids), self.text_len
+                self.unsure = False
+            else:
+                self.unsure = True
+
+    def settle(self, boundary: int) -> None:
+        """The tokens after ``boundary`` end inside a character (the tokenizer says so):
+        none of them has had text yet, so every character sent is before it."""
+        self.boundary, self.text_at_boundary, self.unsure = boundary, self.text_len, False
 
     def set_base(self, chunk: dict[str, Any]) -> None:
         """The client's stream identity, from its first chunk (decode mode: D's)."""

@@ -218,8 +218,9 @@ def test_drain_moves_live_streams_with_their_kv(cluster, two_decoders):
 def test_streams_move_exactly_when_their_server_merges_tokens(cluster, two_decoders):
     """vLLM merges a request's tokens into one chunk while its API server is behind (here:
     stopped for a moment while its engine goes on). Such a chunk does not say which of
-    its tokens ended a character, so a move asked for meanwhile waits for one that does;
-    every stream moved still equals the reference, text and token ids."""
+    its tokens ended a character, so a move asked for meanwhile asks the source's
+    tokenizer where the text is whole and restarts there; every stream moved still
+    equals the reference, text and token ids."""
     proxy, d1, d2 = two_decoders, cluster.d1, cluster.d2
     seen: list[Summary] = []
     moved: dict[str, Any] = {}
@@ -254,8 +255,12 @@ def test_streams_move_exactly_when_their_server_merges_tokens(cluster, two_decod
 
     disturbed_in_time(scenario)
     merged = max(summary.most_ids_in_a_chunk for summary in seen)
-    print(f"\nmerged: up to {merged} tokens in a chunk; moved {moved}")
+    settled = [m for m in moves_logged(proxy, "drain") if "boundary" in m["steps_ms"]]
+    print(f"\nmerged: up to {merged} tokens in a chunk; moved {moved}; settled {settled}")
     assert merged > 1  # the premise: the server did merge
+    # A move asked for while the chunks came merged found its boundary from the source's
+    # tokenizer instead of waiting for a chunk of one token.
+    assert settled
 
 
 def test_rebalance_evens_out_a_skewed_spread(cluster):

@@ -127,3 +127,40 @@ def test_a_stream_whose_text_lags_its_tokens_is_not_continued_elsewhere():
     the_plan, _, t = first_leg(COMPLETIONS, stop=["END"], include_stop_str_in_output=True)
     t.boundary = len(t.ids)
     assert session(the_plan, t).can_continue()
+
+
+def test_a_merged_chunk_leaves_the_boundary_unsure_until_settled():
+    the_plan, p, t = first_leg(COMPLETIONS, return_token_ids=True)
+    assert t.unsure and t.boundary == 2  # "CD" came merged after "B"
+    writer = make_writer(Mode.STITCHED, the_plan, p, t)
+    writer.rewrite(chunk([70], "é"))  # one token with text: a boundary again
+    assert not t.unsure and t.at_boundary
+    writer.rewrite(chunk([71, 72], "F"))  # merged: F, then the start of a character
+    assert t.unsure and t.boundary == 6
+    t.settle(7)  # the tokenizer says: whole after F
+    assert t.boundary == 7 and t.text_at_boundary == t.text_len and not t.unsure
+
+
+# The bytes of each token id for the tokenizer below: 69 and 72 begin two-byte characters.
+BYTES = {65: b"A", 66: b"B", 67: b"C", 68: b"D", 69: b"\xc3", 70: b"\xa9", 71: b"F", 72: b"\xc3"}
+
+
+async def detokenize(pool, inst, leg, path, body, headers, timeout):
+    assert path == "/detokenize"
+    return {"prompt": b"".join(BYTES[i] for i in body["tokens"]).decode(errors="replace")}
+
+
+async def test_a_move_after_a_merged_chunk_restarts_where_the_text_is_whole(monkeypatch):
+    monkeypatch.setattr("proxy.serve.session.call_json", detokenize)
+    the_plan, p, t = first_leg(COMPLETIONS, return_token_ids=True)
+    writer = make_writer(Mode.STITCHED, the_plan, p, t)
+    writer.rewrite(chunk([70, 71, 72], "éF"))  # merged, and ends inside a character
+    s = session(the_plan, t)
+    s.inst = SimpleNamespace(url="http://d")
+    s.dispatcher.registry = SimpleNamespace(http=None)
+    assert await s._settle_boundary()
+    assert t.boundary == 7 and t.ids[t.boundary :] == [72]  # after F; 72 had no text yet
+    # The continuation restarts after F; it repeats 72 (no text), then completes it.
+    resumed = resume_writer(the_plan, p, t, t.boundary)
+    out = sent([resumed.rewrite(chunk([72], "")), resumed.rewrite(chunk([70], "é"))])
+    assert [(c["token_ids"], c["text"]) for c in out] == [([70], "é")]
