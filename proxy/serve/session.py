@@ -57,8 +57,6 @@ from .writers import make_writer, resume_writer
 
 log = logging.getLogger("pdproxy.session")
 
-SETTLE_TRIES = 6  # tokens stepped back from the end to find where the text is whole
-
 
 class DecodeSession:
     """Owns one streamed answer's decode legs, whatever happens to the response."""
@@ -244,34 +242,26 @@ class DecodeSession:
             self._move = ("failure", None)
 
     async def _settle_boundary(self) -> bool:
-        """After a merged chunk: find the last token sent where the text is whole, from
-        the source's tokenizer (vLLM's ``/detokenize``), trying the tokens sent from the
-        last back (a character is at most four bytes); whether it found one (the move
-        restarts there; its writer drops the tokens after it, which the client has). On
-        any doubt the move waits for the next chunk that marks a boundary itself."""
-        found = False
-        t = self.transcript
-        model = (self.p.raw.get("model") if self.p else None) or t.base.get("model")
-        started = time.perf_counter()
+        """After a merged chunk: where the text sent is whole, from the source's
+        tokenizer (see ``Transcript.settle_with``); whether it found it. On any doubt the
+        move waits for the next chunk that marks a boundary itself."""
+        started, found = time.perf_counter(), False
         try:
-            for end in range(len(t.ids), max(t.boundary, len(t.ids) - SETTLE_TRIES), -1):
-                answer = await call_json(
-                    self.dispatcher.registry.http, self.inst, DECODE, "/detokenize",
-                    {"model": model, "tokens": t.ids[max(0, end - 16) : end]}, {},
-                    self.settings.migration_timeout,
-                )  # fmt: skip
-                text = answer.get("prompt")
-                if not isinstance(text, str):
-                    break
-                if not text.endswith("\ufffd"):  # whole: the tokens after end had no text
-                    t.settle(end)
-                    found = True
-                    break
+            found = await self.transcript.settle_with(self._detokenize)
         except ProxyError as exc:
             log.info("no boundary from %s's tokenizer: %s", self.inst.url, exc.message)
-        t.unsure = False  # asked once per merged chunk
+        self.transcript.unsure = False  # asked once per merged chunk
         self._settled_ms = (time.perf_counter() - started) * 1000
         return found
+
+    async def _detokenize(self, tokens: list[int]) -> str | None:
+        model = (self.p.raw.get("model") if self.p else None) or self.transcript.base.get("model")
+        answer = await call_json(
+            self.dispatcher.registry.http, self.inst, DECODE, "/detokenize",
+            {"model": model, "tokens": tokens}, {}, self.settings.migration_timeout,
+        )  # fmt: skip
+        text = answer.get("prompt")
+        return text if isinstance(text, str) else None
 
     async def _continue(self, reason: str, target: Instance | None):
         """Close the current leg and continue the answer on another instance: with the

@@ -19,10 +19,13 @@ boundary, and its writer drops the tokens and characters the client already has.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 TAIL_CHARS = 256  # output text kept for checking stop strings across a continuation
+SETTLE_TRIES = 6  # tokens stepped back from the last to find where the text is whole
+WINDOW = 16  # tokens decoded to see whether the text ends inside a character
 
 
 @dataclass
@@ -55,6 +58,21 @@ class Transcript:
         """The tokens after ``boundary`` end inside a character (the tokenizer says so):
         none of them has had text yet, so every character sent is before it."""
         self.boundary, self.text_at_boundary, self.unsure = boundary, self.text_len, False
+
+    async def settle_with(self, detokenize: Callable[[list[int]], Awaitable[str | None]]) -> bool:
+        """Find the last token sent where the text is whole, stepping back from the last
+        (a character is at most four bytes): decoded, the tokens up to it do not end in
+        U+FFFD, so vLLM, which holds back text that does, sent none for those after it.
+        Whether it found one (and settled there)."""
+        last = len(self.ids)
+        for end in range(last, max(self.boundary, last - SETTLE_TRIES), -1):
+            text = await detokenize(self.ids[max(0, end - WINDOW) : end])
+            if text is None:
+                return False
+            if not text.endswith("\ufffd"):
+                self.settle(end)
+                return True
+        return False
 
     def set_base(self, chunk: dict[str, Any]) -> None:
         """The client's stream identity, from its first chunk (decode mode: D's)."""
