@@ -336,22 +336,24 @@ def rebalance_looks(proxy) -> list[int]:
 def test_decode_server_killed_mid_stream_continues_elsewhere(cluster, victim):
     """The victim (a P/D-capable vLLM like any other) serves as a decode instance and is
     SIGKILLed with streams on it: they continue on d1, recomputed, and equal the reference."""
-    if not victim.alive():  # earlier tests kill it
-        victim.start().wait_ready(900)
-    proxy = cluster.proxy(
-        "proxy-failover",
-        [cluster.p1],
-        [victim, cluster.d1],
-        PDPROXY_ADMIN_KEY=ADMIN,
-    )
-    connectors_known(proxy, 2)
+    proxy = None
     on_victim: list[int] = []
+    continued: list[float] = []
 
     def scenario(attempt: int) -> bool:
+        nonlocal proxy
+        if not victim.alive():  # earlier tests, or the last try, killed it
+            victim.start().wait_ready(900)
+        if proxy is None:
+            proxy = cluster.proxy(
+                "proxy-failover", [cluster.p1], [victim, cluster.d1], PDPROXY_ADMIN_KEY=ADMIN
+            )
+        connectors_known(proxy, 2)
         requests = bodies(3000 + 100 * attempt, 4)
         want = expected(cluster.ref.url, requests)
         drain(proxy, cluster.d1.url)  # every stream starts on the victim
         on_victim.clear()
+        before = metric(proxy.url, "pdproxy_stream_moves_total", reason="failure", kind="recompute")
 
         def disturb() -> None:
             on_victim.append(live_streams(proxy)[victim.url])
@@ -361,9 +363,12 @@ def test_decode_server_killed_mid_stream_continues_elsewhere(cluster, victim):
 
         got = run_disturbed(proxy.url, requests, disturb)
         assert got == want, differences(got, want)
-        return on_victim[0] >= 1
+        after = metric(proxy.url, "pdproxy_stream_moves_total", reason="failure", kind="recompute")
+        continued[:] = [after - before]
+        # On a starved machine the victim may have sent a stream's last bytes before it
+        # died while the proxy still relays them: that stream needs no failover.
+        return on_victim[0] >= 1 and continued[0] >= 1
 
     disturbed_in_time(scenario)
-    recomputed = metric(proxy.url, "pdproxy_stream_moves_total", reason="failure", kind="recompute")
-    print(f"\nkill: {on_victim[0]} streams on the killed server, {recomputed:.0f} continued")
-    assert on_victim[0] >= 1 and recomputed == on_victim[0]
+    print(f"\nkill: {on_victim[0]} streams on the killed server, {continued[0]:.0f} continued")
+    assert 1 <= continued[0] <= on_victim[0]
