@@ -21,6 +21,7 @@ from .options import DIRECT, PDPROXY, ROUTER, TOY, Options
 from .procstat import TreeMeter
 from .report import add_comparisons
 from .targets import (
+    cores,
     environment,
     fake_process,
     proxy_process,
@@ -222,7 +223,7 @@ async def run_bench(opts: Options) -> dict[str, Any]:
             flush=True,
         )
     nofile = raise_nofile()
-    os.sched_setaffinity(0, {int(c) for c in _cores(opts.load_cores)})
+    os.sched_setaffinity(0, {int(c) for c in cores(opts.load_cores)})
     opts.log_dir.mkdir(parents=True, exist_ok=True)
     p = fake_process("fake-p", opts)
     d = fake_process("fake-d", opts)
@@ -260,12 +261,12 @@ async def run_bench(opts: Options) -> dict[str, Any]:
             label = name if workers == 1 else f"{name} w{workers}"
             proc: Process | None = None
             if name == PDPROXY:
-                cores = (
+                proxy_cores = (
                     str(opts.proxy_core)
                     if workers == 1
                     else ",".join(str(c) for c in range(os.cpu_count() or 1))
                 )
-                proc = proxy_process(opts, p.url, d.url, workers, cores)
+                proc = proxy_process(opts, p.url, d.url, workers, proxy_cores)
             elif name == TOY:
                 proc = toy_process(opts, p.port, d.port)
             elif name == ROUTER:
@@ -327,17 +328,6 @@ async def run_bench(opts: Options) -> dict[str, Any]:
     }
     add_comparisons(results)
     return results
-
-
-def _cores(spec: str) -> list[int]:
-    out: list[int] = []
-    for part in spec.split(","):
-        if "-" in part:
-            a, b = part.split("-")
-            out.extend(range(int(a), int(b) + 1))
-        elif part:
-            out.append(int(part))
-    return out
 
 
 def _progress(cell: dict[str, Any]) -> str:

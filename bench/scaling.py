@@ -32,24 +32,7 @@ from devkit.servers import Process, free_port
 
 from .procstat import TreeMeter
 from .results import save
-from .targets import environment, raise_nofile
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cores(spec: str) -> list[int]:
-    """``0-3,8`` -> [0, 1, 2, 3, 8]."""
-    out: list[int] = []
-    for part in filter(None, spec.split(",")):
-        first, _, last = part.partition("-")
-        out += range(int(first), int(last or first) + 1)
-    return out
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
+from .targets import child_env, cores, environment, raise_nofile
 
 
 def _pinned(where: list[int], *argv: str) -> list[str]:
@@ -63,12 +46,12 @@ def fake(name: str, args: argparse.Namespace, logs: Path) -> Process:
         "--prefill-ms", str(args.prefill_ms), "--itl-ms", str(args.itl_ms),
         "--tokens", str(args.tokens), "--kv-lease-s", "30",
     )  # fmt: skip
-    return Process(name, argv, _env(), port, logs / f"{name}.log", ready_path="/health")
+    return Process(name, argv, child_env(), port, logs / f"{name}.log", ready_path="/health")
 
 
 def proxy(workers: int, p_urls: list[str], d_urls: list[str], args, logs: Path) -> Process:
     port = free_port()
-    env = _env()
+    env = child_env()
     env.update(
         PDPROXY_PREFILL_URLS=",".join(p_urls),
         PDPROXY_DECODE_URLS=",".join(d_urls),
@@ -103,7 +86,7 @@ def cell(workers: int, url: str, meter: TreeMeter, load: list[TreeMeter], args) 
                 "--tokens",
                 str(args.tokens),
             ),
-            env=_env(),
+            env=child_env(),
             stdout=subprocess.PIPE,
             text=True,
         )  # fmt: skip

@@ -25,7 +25,17 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def _env() -> dict[str, str]:
+def cores(spec: str) -> list[int]:
+    """A ``taskset`` core list as numbers: ``0-3,8`` -> [0, 1, 2, 3, 8]."""
+    out: list[int] = []
+    for part in filter(None, spec.split(",")):
+        first, _, last = part.partition("-")
+        out += range(int(first), int(last or first) + 1)
+    return out
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child process: this checkout importable."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
@@ -42,12 +52,14 @@ def fake_process(name: str, opts: Options) -> Process:
         "--tokens", str(opts.tokens),
         "--kv-lease-s", "30",
     ]  # fmt: skip
-    return Process(name, argv, _env(), port, opts.log_dir / f"{name}.log", ready_path="/health")
+    return Process(
+        name, argv, child_env(), port, opts.log_dir / f"{name}.log", ready_path="/health"
+    )
 
 
 def proxy_process(opts: Options, p_url: str, d_url: str, workers: int, cores: str) -> Process:
     port = free_port()
-    env = _env()
+    env = child_env()
     env.update(
         {
             "PDPROXY_PREFILL_URLS": p_url,
@@ -79,7 +91,7 @@ def toy_process(opts: Options, p_port: int, d_port: int) -> Process:
         "--decoder-hosts", "127.0.0.1", "--decoder-ports", str(d_port),
     ]  # fmt: skip
     return Process(
-        TOY, argv, _env(), port, opts.log_dir / "toy-proxy.log", ready_path="/healthcheck"
+        TOY, argv, child_env(), port, opts.log_dir / "toy-proxy.log", ready_path="/healthcheck"
     )
 
 
@@ -96,7 +108,7 @@ def router_process(opts: Options, p_url: str, d_url: str) -> Process:
     if opts.peer_log_level:
         argv += ["--log-level", opts.peer_log_level]
     return Process(
-        ROUTER, argv, _env(), port, opts.log_dir / "vllm-router.log", ready_path="/health"
+        ROUTER, argv, child_env(), port, opts.log_dir / "vllm-router.log", ready_path="/health"
     )
 
 
