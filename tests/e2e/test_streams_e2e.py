@@ -225,6 +225,9 @@ def test_streams_move_exactly_when_their_server_merges_tokens(cluster, two_decod
     seen: list[Summary] = []
     moved: dict[str, Any] = {}
 
+    def settled() -> list[dict[str, Any]]:
+        return [m for m in moves_logged(proxy, "drain") if "boundary" in m["steps_ms"]]
+
     def scenario(attempt: int) -> bool:
         requests = bodies(4000 + 100 * attempt, 3)
         for _, body in requests:
@@ -232,16 +235,22 @@ def test_streams_move_exactly_when_their_server_merges_tokens(cluster, two_decod
         want = expected(cluster.ref.url, requests)
         drain(proxy, d2.url)  # every stream starts on d1
         seen.clear()
+        before = len(settled())
 
         def disturb() -> None:
-            # The engine goes on while its API server is stopped; the drain comes then,
-            # so the first chunk each stream gets afterwards is a merged one.
+            # The engine goes on while its API server is stopped; the drain comes then.
+            # The server then stutters, so the chunks each stream gets afterwards keep
+            # coming merged (one that came alone would mark a boundary by itself).
             os.kill(d1.proc.pid, signal.SIGSTOP)
             try:
                 time.sleep(0.4)
                 drain(proxy, d2.url, draining=False)
                 moved.update(drain(proxy, d1.url))
-                time.sleep(0.2)
+                for _ in range(20):
+                    time.sleep(0.1)
+                    os.kill(d1.proc.pid, signal.SIGCONT)
+                    time.sleep(0.02)
+                    os.kill(d1.proc.pid, signal.SIGSTOP)
             finally:
                 os.kill(d1.proc.pid, signal.SIGCONT)
 
@@ -251,16 +260,15 @@ def test_streams_move_exactly_when_their_server_merges_tokens(cluster, two_decod
             os.kill(d1.proc.pid, signal.SIGCONT)
             drain(proxy, d1.url, draining=False)
         assert got == want, differences(got, want)
-        return moved["moving_streams"] >= 1
+        # A try counts when a move asked for while the chunks came merged found its
+        # boundary from the source's tokenizer (on a starved machine the proxy may read a
+        # merged chunk together with a later one-token chunk, which marks a boundary).
+        return moved["moving_streams"] >= 1 and len(settled()) > before
 
     disturbed_in_time(scenario)
     merged = max(summary.most_ids_in_a_chunk for summary in seen)
-    settled = [m for m in moves_logged(proxy, "drain") if "boundary" in m["steps_ms"]]
-    print(f"\nmerged: up to {merged} tokens in a chunk; moved {moved}; settled {settled}")
+    print(f"\nmerged: up to {merged} tokens in a chunk; moved {moved}; settled {settled()}")
     assert merged > 1  # the premise: the server did merge
-    # A move asked for while the chunks came merged found its boundary from the source's
-    # tokenizer instead of waiting for a chunk of one token.
-    assert settled
 
 
 def test_rebalance_evens_out_a_skewed_spread(cluster):
