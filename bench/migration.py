@@ -1,8 +1,10 @@
 """The pause a stream sees when it moves to another decode server, on real vLLM CPU servers.
 
-``python -m bench.migration [--shape tiny|small] [--lengths 256,1024,2048] [--reps 8]``
+``python -m bench.migration [--shape tiny|small|8b-gpu] [--lengths 256,1024,2048] [--reps 8]
+[--tokens 1536]``
 
-Starts two vLLM CPU servers with the PDConnector (each on its own core) and two proxies
+Starts two vLLM servers with the PDConnector (on CPU each on its own core; ``8b-gpu``:
+both on the one GPU, see below) and two proxies
 in front of both: one moves streams with their KV (``PDPROXY_MIGRATE_KV=true``, the
 default), one by recomputing (``false``). Requests run colocated (one server per answer,
 ``PDPROXY_MIN_PREFILL_TOKENS`` above every prompt), so a round is exactly: a stream of
@@ -15,7 +17,11 @@ largest gap between chunks after the drain) p50 and max, next to the same stream
 ordinary inter-token gap (median of the gaps before the drain) and the proxy's own
 ``pause_ms`` from its ``stream_moved`` log line; ``kv_tokens`` is how much KV came over.
 ``--shape small`` uses devkit's ``small`` model (64 KiB of KV per token), where both the
-transfer and the recompute cost something; the tiny one shows the floor.
+transfer and the recompute cost something; the tiny one shows the floor. ``--shape
+8b-gpu`` (``bench/gpu/device.sh migration``) serves the Llama-3-8B shape of
+``bench/gpu/realsize.py`` (random weights, 128 KiB of KV per token, CUDA graphs for
+decode steps) twice on the one GPU: the KV moves over CUDA IPC, and a recompute is a
+real prefill of the whole context.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ ADMIN = "bench-admin"
 AUTH = {"authorization": f"Bearer {ADMIN}"}
 BEFORE_MOVE = 16  # chunks relayed before the drain
 TOKENS = 1536  # tokens per stream: long enough to be moved mid-way (~2 s on the tiny model)
+SHAPES = ("tiny", "small", "8b-gpu")
 
 
 class NotMoved(Exception):
@@ -58,7 +65,7 @@ def _drain(proxy_url: str, url: str, draining: bool) -> int:
 
 
 def one_round(
-    proxy_url: str, source: str, target: str, length: int, rng: random.Random
+    proxy_url: str, source: str, target: str, length: int, tokens: int, rng: random.Random
 ) -> dict[str, Any]:
     """One stream moved from ``source`` to ``target`` mid-way; its timings."""
     _drain(proxy_url, target, True)
@@ -66,7 +73,7 @@ def one_round(
     body = {
         "model": "tiny",
         "prompt": [rng.randrange(300, 600) for _ in range(length)],
-        "max_tokens": TOKENS,
+        "max_tokens": tokens,
         "ignore_eos": True,
         "temperature": 0,
         "stream": True,
@@ -127,9 +134,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="migration-"))
     lengths = [int(x) for x in args.lengths.split(",")]
-    engines = servers.engine_pair(args.shape, log_dir, max_model_len=max(lengths) + TOKENS + 16)
+    max_len = max(lengths) + args.tokens + 16
+    if args.shape == "8b-gpu":
+        from bench.gpu import realsize  # the GPU machine's engines
+
+        engines = realsize.engine_pair(log_dir, max_model_len=max_len)
+    else:
+        engines = servers.engine_pair(args.shape, log_dir, max_model_len=max_len)
     print(f"logs in {log_dir}", flush=True)
-    servers.start_all(engines)
+    servers.start_all(engines, timeout=420)
     proxies = {}
     try:
         for kind, with_kv in (("kv", "true"), ("recompute", "false")):
@@ -159,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     timing = None
                     for _ in range(6):  # a stream may outrun the drain on a starved box
                         try:
-                            timing = one_round(proc.url, source, target, length, rng)
+                            timing = one_round(proc.url, source, target, length, args.tokens, rng)
                             time.sleep(0.2)  # its log line is written as the move ends
                             moved = {m["request_id"] for m in moves_logged(proc.log_path)}
                             if timing["request_id"] not in moved:
@@ -173,7 +186,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         results[kind].setdefault(length, []).append(timing)
             print(f"context {length}: done", flush=True)
         time.sleep(0.5)
-        report: dict[str, Any] = {"shape": args.shape, "rows": [], "unmoved_rounds": unmoved}
+        report: dict[str, Any] = {
+            "shape": args.shape,
+            "tokens": args.tokens,
+            "rows": [],
+            "unmoved_rounds": unmoved,
+        }
         for kind, proc in proxies.items():
             logged = {m["request_id"]: m for m in moves_logged(proc.log_path)}
             assert all(m["kind"] == kind for m in logged.values()), logged
@@ -215,9 +233,10 @@ def table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="tiny", choices=("tiny", "small"))
+    parser.add_argument("--shape", default="tiny", choices=SHAPES)
     parser.add_argument("--lengths", default="256,1024,2048")
     parser.add_argument("--reps", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="tokens per stream")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-dir")
     parser.add_argument("--out")

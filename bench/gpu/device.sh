@@ -26,7 +26,7 @@ mkdir -p "$STASH" "$OUT"
 T0=$(date +%s.%N)
 el() { python3 -c "import time; print(f'{time.time()-$T0:.1f}s')"; }
 
-case "${1:?deps|part N|final N|realsize|check|scaling}" in
+case "${1:?deps|part N|final N|realsize|check|migration|scaling}" in
 deps)
   echo "stash before: $(ls $STASH 2>/dev/null | tr '\n' ' ')"
   cp .gpu/deps.tar "$STASH/" && tar -xf "$STASH/deps.tar" -C "$STASH" && rm "$STASH/deps.tar" || exit 1
@@ -80,6 +80,13 @@ check)
   if [ -f .gpu/extra.tar ] && [ ! -d "$SITE/orjson" ]; then mkdir -p "$STASH/extra" && tar -xf .gpu/extra.tar -C "$STASH/extra" && $PIP "$STASH"/extra/*.whl; fi
   export PYTHONPATH=$SITE:$(pwd)
   timeout 560 python3 "$HERE/pd_gpu.py"; echo "pd_gpu rc=$? total $(el)"
+  ;;
+migration)
+  # Streams moved between two decode engines of the 8B shape on the one GPU, with the KV
+  # and by recomputing (bench/migration.py --shape 8b-gpu).
+  [ -d "$SITE/vllm" ] || { echo "vLLM not installed on this machine (it went cold?)"; exit 3; }
+  export PYTHONPATH=$SITE:$(pwd)
+  timeout 560 python3 -m bench.migration --shape 8b-gpu ${MIGRATION_ARGS:-} --log-dir "$OUT/logs" --out "$OUT/migration_gpu.json"; echo "migration rc=$? total $(el)"
   ;;
 scaling)
   # PDPROXY_WORKERS on this machine's CPU cores (bench/scaling.py): the proxy, fake

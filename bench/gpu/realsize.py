@@ -102,6 +102,25 @@ def shaped_model(tiny: Path, out: Path) -> Path:
     return out
 
 
+def engine_pair(log_dir: Path, max_model_len: int) -> list:
+    """Two engines of the 8B shape with the PDConnector on the one GPU, CUDA graphs for
+    decode steps: ``bench.migration --shape 8b-gpu`` moves streams between them."""
+    tiny = tiny_model.build(Path("/root/tiny-llama"))
+    model = shaped_model(tiny, Path("/root/llama3-8b-shape"))
+    return [
+        servers.vllm_server(
+            name,
+            model,
+            log_dir,
+            kv_transfer_config=servers.pd_connector_config(host="127.0.0.1"),
+            max_model_len=max_model_len,
+            extra_args=GPU_ARGS + GRAPHS,
+            extra_env={"VLLM_USE_FLASHINFER_SAMPLER": "0"},
+        )
+        for name in ("a", "b")
+    ]
+
+
 def stream_times(client: httpx.Client, url: str, body: dict) -> tuple[list[float], str]:
     """Arrival time of every streamed token chunk (seconds from sending), and the mode."""
     start = time.perf_counter()
