@@ -241,23 +241,33 @@ class DecodeSession:
             self._failure = error
             self._move = ("failure", None)
 
-    async def _settle_boundary(self) -> bool:
-        """After a merged chunk: where the text sent is whole, from the source's
-        tokenizer (see ``Transcript.settle_with``); whether it found it. On any doubt the
-        move waits for the next chunk that marks a boundary itself."""
+    async def _settle_boundary(self, inst: Instance | None = None) -> bool:
+        """After a merged chunk: where the text sent is whole, from a tokenizer (see
+        ``Transcript.settle_with``): the source's, or ``inst``'s (every decode instance
+        serves the same model); whether it found it. On any doubt the move waits for the
+        next chunk that marks a boundary itself."""
+        asked = inst or self.inst
         started, found = time.perf_counter(), False
         try:
-            found = await self.transcript.settle_with(self._detokenize)
+            found = await self.transcript.settle_with(lambda ids: self._detokenize(asked, ids))
         except ProxyError as exc:
-            log.info("no boundary from %s's tokenizer: %s", self.inst.url, exc.message)
+            log.info("no boundary from %s's tokenizer: %s", asked.url, exc.message)
         self.transcript.unsure = False  # asked once per merged chunk
         self._settled_ms = (time.perf_counter() - started) * 1000
         return found
 
-    async def _detokenize(self, tokens: list[int]) -> str | None:
+    def _tokenizer_after_failure(self, target: Instance | None) -> Instance | None:
+        """Whom to ask where the text is whole once the source has failed: the target
+        asked for, else any other decode instance that is up."""
+        if target is not None:
+            return target
+        others = self.dispatcher.registry.pool(DECODE).available()
+        return next((inst for inst in others if inst is not self.inst), None)
+
+    async def _detokenize(self, inst: Instance, tokens: list[int]) -> str | None:
         model = (self.p.raw.get("model") if self.p else None) or self.transcript.base.get("model")
         answer = await call_json(
-            self.dispatcher.registry.http, self.inst, DECODE, "/detokenize",
+            self.dispatcher.registry.http, inst, DECODE, "/detokenize",
             {"model": model, "tokens": tokens}, {}, self.settings.migration_timeout,
         )  # fmt: skip
         text = answer.get("prompt")
@@ -276,6 +286,10 @@ class DecodeSession:
     async def _continue_on_another(self, reason: str, target: Instance | None):
         source, t = self.inst, self.transcript
         paused_at = self.last_sent
+        if reason == "failure" and t.unsure and (helper := self._tokenizer_after_failure(target)):
+            # The source is gone, so its tokenizer cannot say where the text after a
+            # merged chunk is whole; another's can, and less is generated again.
+            await self._settle_boundary(helper)
         migration = Migration(self.dispatcher, source, self.leg_key(), self.settings)
         steps: dict[str, float] = {}  # where the pause went, for the log line
         if self._settled_ms is not None:

@@ -13,6 +13,10 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
+from proxy.errors import ProxyError
+from proxy.fleet.backends import Instance
 from proxy.serve.plan import plan_request
 from proxy.serve.session import DecodeSession
 from proxy.serve.stitch import PrefillResult
@@ -164,3 +168,38 @@ async def test_a_move_after_a_merged_chunk_restarts_where_the_text_is_whole(monk
     resumed = resume_writer(the_plan, p, t, t.boundary)
     out = sent([resumed.rewrite(chunk([72], "")), resumed.rewrite(chunk([70], "é"))])
     assert [(c["token_ids"], c["text"]) for c in out] == [([70], "é")]
+
+
+async def test_after_a_failure_another_instances_tokenizer_finds_where_to_restart(monkeypatch):
+    # The source died after a merged chunk: its tokenizer cannot be asked, another
+    # decode instance's can (the same model), so the continuation restarts after F
+    # rather than at the last one-token chunk ("B"), and generates less again.
+    asked: list[str] = []
+
+    async def detokenize_on(pool, inst, leg, path, body, headers, timeout):
+        asked.append(inst.url)
+        return await detokenize(pool, inst, leg, path, body, headers, timeout)
+
+    monkeypatch.setattr("proxy.serve.session.call_json", detokenize_on)
+    the_plan, p, t = first_leg(COMPLETIONS, return_token_ids=True)
+    make_writer(Mode.STITCHED, the_plan, p, t).rewrite(chunk([70, 71, 72], "éF"))
+    assert t.unsure and t.boundary == 2
+    s = session(the_plan, t)
+    source, other = Instance("http://d1"), Instance("http://d2")
+    s.inst = source
+    opened: list[dict[str, Any]] = []
+
+    async def open_stream(record, endpoint, body, *args, **kwargs):
+        opened.append(body)
+        raise ProxyError(503, "no decode instance available")
+
+    s.dispatcher.registry = SimpleNamespace(
+        http=None, pool=lambda role: SimpleNamespace(available=lambda: [source, other])
+    )
+    s.dispatcher.open_stream = open_stream
+    s.dispatcher.background = lambda work: work.close()
+    s._failure = ProxyError(502, "decode backend closed the stream")
+    with pytest.raises(ProxyError):
+        await s._continue_on_another("failure", None)
+    assert set(asked) == {"http://d2"}
+    assert opened[0]["prompt"] == [*PROMPT_IDS, *t.ids[:7]]  # after F
