@@ -59,8 +59,8 @@ def test_collect_waits_for_the_request_to_end():
     table = MigrationTable()
     table.started("k", "r")
     assert table.arm("k", None)
+    start = time.monotonic()  # before the timer: this thread may not run again at once
     threading.Timer(0.2, lambda: (table.ended("k"), table.record("k", {"outcome": "x"}))).start()
-    start = time.monotonic()
     assert table.collect("k", 5) == {"outcome": "x"}
     assert 0.15 < time.monotonic() - start < 2
     assert table.collect("k", 0.1) is None  # collected once

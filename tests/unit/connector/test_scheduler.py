@@ -176,8 +176,10 @@ def test_idle_steps_sleep_only_while_holding_and_idle():
 def test_idle_waiter_ends_on_a_request_a_wake_up_or_its_timeout():
     q: queue.Queue = queue.Queue()
     waiter = IdleWaiter(q)
-    threading.Timer(0.1, q.put_nowait, args=("request",)).start()
+    # The clock starts before the timer: on a starved machine this thread may not run
+    # again for a while after starting it, and the request must not look early.
     start = time.monotonic()
+    threading.Timer(0.1, q.put_nowait, args=("request",)).start()
     waiter.wait(5)
     assert 0.09 <= time.monotonic() - start < 1
     q.get_nowait()
@@ -239,6 +241,16 @@ def reported(sched, sent=(), received=()):
     )
 
 
+def blocked_until(delay: float, happen, *args, step) -> float:
+    """How long ``step()`` blocked when ``happen(*args)`` comes ``delay`` seconds from
+    now. The clock starts before the timer: on a starved machine this thread may not run
+    for a while after starting it, and the event must not look early."""
+    start = time.monotonic()
+    threading.Timer(delay, happen, args=args).start()
+    step()
+    return time.monotonic() - start
+
+
 def test_idle_engine_holding_blocks_waits_until_something_happens(engine):
     e = engine(idle_step_sleep_ms=2)
     prefill(e.sched, "p0")
@@ -246,21 +258,18 @@ def test_idle_engine_holding_blocks_waits_until_something_happens(engine):
     assert e.idle_step() < 0.05  # carries the new sends to the workers: no wait
     # Nothing to do but hold: the step blocks (no spinning) until a worker says a
     # transfer ended...
-    threading.Timer(0.3, e.worker, args=(SEND, "p1")).start()
-    assert 0.25 <= e.idle_step() < 1.0
+    assert 0.3 <= blocked_until(0.3, e.worker, SEND, "p1", step=e.idle_step) < 1.0
     # ... and until a step has reported that news, idle steps do not block at all
     # (the news may sit in a step the engine has not read yet) ...
     assert e.idle_step() < 0.05
     reported(e.sched, sent={"p1"})
     # ... or a request reaches the engine ...
-    threading.Timer(0.3, e.input_queue.put_nowait, args=("request",)).start()
-    assert 0.25 <= e.idle_step() < 1.0
+    assert 0.3 <= blocked_until(0.3, e.input_queue.put_nowait, "request", step=e.idle_step) < 1.0
     e.input_queue.get_nowait()
     # ... or the proxy releases a transfer.
     held = prefill(e.sched, "p2")["transfer_id"]
     e.idle_step()
-    threading.Timer(0.3, e.sched.release, args=(held,)).start()
-    assert 0.25 <= e.idle_step() < 1.0
+    assert 0.3 <= blocked_until(0.3, e.sched.release, held, step=e.idle_step) < 1.0
     assert step(e.sched, tokens=0).releases == [held]
 
 
