@@ -256,19 +256,21 @@ class DecodeSession:
         self._settled_ms = (time.perf_counter() - started) * 1000
         return found
 
-    def _tokenizer_after_failure(self, target: Instance | None) -> Instance | None:
-        """Whom to ask where the text is whole once the source has failed: the target
-        asked for, else any other decode instance that is up."""
-        if target is not None:
-            return target
+    def _tokenizer_after_failure(self) -> Instance | None:
+        """Whom to ask where the text is whole once the source has failed: any other
+        decode instance that is up."""
         others = self.dispatcher.registry.pool(DECODE).available()
         return next((inst for inst in others if inst is not self.inst), None)
 
+    @property
+    def _model(self) -> str | None:
+        """The model the answer names (P's, or D's in decode mode)."""
+        return (self.p.raw.get("model") if self.p else None) or self.transcript.base.get("model")
+
     async def _detokenize(self, inst: Instance, tokens: list[int]) -> str | None:
-        model = (self.p.raw.get("model") if self.p else None) or self.transcript.base.get("model")
         answer = await call_json(
             self.dispatcher.registry.http, inst, DECODE, "/detokenize",
-            {"model": model, "tokens": tokens}, {}, self.settings.migration_timeout,
+            {"model": self._model, "tokens": tokens}, {}, self.settings.migration_timeout,
         )  # fmt: skip
         text = answer.get("prompt")
         return text if isinstance(text, str) else None
@@ -286,7 +288,7 @@ class DecodeSession:
     async def _continue_on_another(self, reason: str, target: Instance | None):
         source, t = self.inst, self.transcript
         paused_at = self.last_sent
-        if reason == "failure" and t.unsure and (helper := self._tokenizer_after_failure(target)):
+        if reason == "failure" and t.unsure and (helper := self._tokenizer_after_failure()):
             # The source is gone, so its tokenizer cannot say where the text after a
             # merged chunk is whole; another's can, and less is generated again.
             await self._settle_boundary(helper)
@@ -311,10 +313,9 @@ class DecodeSession:
             step("collect")
             self.legs += 1
             resumed_at = t.boundary
-            model = (self.p.raw.get("model") if self.p else None) or t.base.get("model") or ""
             body = continuation_body(
                 self.plan,
-                model,
+                self._model or "",
                 t.prompt_ids,
                 t.ids[:resumed_at],
                 with_migration_key(kv_params, self.leg_key()),

@@ -13,8 +13,9 @@ one: up to a chunk of one token whose text was not empty (the rule the stitched 
 uses). A chunk of several tokens (vLLM merges a request's outputs while its server is
 behind) with text says only that one of them completed a character, so it moves no
 boundary and leaves the transcript ``unsure``: a move then asks the source's tokenizer
-where the text is whole (``settle``); a continuation after a failure restarts at the
-boundary, and its writer drops the tokens and characters the client already has.
+where the text is whole (``settle``), as does a continuation after a failure (another
+decode instance's tokenizer: the source's is gone), else it restarts at the boundary;
+the new leg's writer drops the tokens and characters the client already has.
 """
 
 from __future__ import annotations
