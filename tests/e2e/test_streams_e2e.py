@@ -158,6 +158,11 @@ def two_decoders(cluster):
         [cluster.d1, cluster.d2],
         PDPROXY_ADMIN_KEY=ADMIN,
         PDPROXY_DECODE_POLICY="least_load",
+        # A move waits this long for the source to hold the KV before it recomputes
+        # instead: on a starved two-core machine the source's engine and API server may
+        # not run for seconds (a fresh clone's CI saw a 3 s wait run out, one move of
+        # three recomputed), and these tests check that every move carries the KV.
+        PDPROXY_MIGRATION_TIMEOUT="15",
     )
     connectors_known(proxy, 2)
     return proxy
