@@ -9,7 +9,6 @@ instance may be tried (never for a client's own mistake).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 from ..errors import ProxyError, error_body
@@ -138,9 +137,9 @@ class EventStream:
     """An SSE stream from a backend, opened until its first event (or failure).
 
     ``open`` returns only once the first event is in hand, so a backend that fails
-    before its first byte can still be replaced by another one. ``batches`` yields the
-    data of the events that have arrived, several at once when the backend is ahead of
-    us (so they can be forwarded in one write), and stops at ``[DONE]``; ``done_seen``
+    before its first byte can still be replaced by another one. ``next_batch`` returns
+    the data of the events that have arrived, several at once when the backend is ahead
+    of us (so they can be forwarded in one write), and None at ``[DONE]``; ``done_seen``
     tells whether the backend ended the stream properly.
     """
 
@@ -157,6 +156,7 @@ class EventStream:
         # One watchdog timer per stream, re-armed lazily: cheaper than a timer per read.
         self._last_event = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
 
     @classmethod
     async def open(
@@ -221,27 +221,27 @@ class EventStream:
                 return events[:index] or None
         return events
 
-    async def batches(self) -> AsyncIterator[list[bytes]]:
-        loop = asyncio.get_running_loop()
-        self._last_event = loop.time()
-        self._watchdog = loop.call_at(self._next_due(), self._watch)
+    async def next_batch(self) -> list[bytes] | None:
+        """The data of the events that have arrived (at least one; several when the
+        backend is ahead, to be forwarded in one write); None at ``[DONE]`` or the end.
+        A coroutine, not an async generator: it runs once per relayed batch, and a
+        generator's frame switches cost more than the call."""
+        loop = self._loop
+        if self._watchdog is None and not self._closed:
+            self._last_event = loop.time()
+            self._watchdog = loop.call_at(self._next_due(), self._watch)
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
         try:
-            if self._first is not None:
-                first, self._first = self._first, None
-                yield first
-            while True:
-                try:
-                    batch = await self._next_batch()
-                except _Silent as silent:
-                    raise LegError(504, silent.message, leg=self.leg) from None
-                except (HTTPError, SSEProtocolError) as exc:
-                    raise _transport_error(self.leg, self.inst, exc) from exc
-                if batch is None:
-                    return
-                self._last_event = loop.time()
-                yield batch
-        finally:
-            self.close()
+            batch = await self._next_batch()
+        except _Silent as silent:
+            raise LegError(504, silent.message, leg=self.leg) from None
+        except (HTTPError, SSEProtocolError) as exc:
+            raise _transport_error(self.leg, self.inst, exc) from exc
+        if batch is not None:
+            self._last_event = loop.time()
+        return batch
 
     def _next_due(self) -> float:
         return min(self._last_event + self.idle_timeout, self.deadline)

@@ -203,7 +203,8 @@ class DecodeSession:
         itl = ITL.labels(record.endpoint)
         last = time.perf_counter()
         try:
-            async for batch in self._batches:
+            stream = self.stream
+            while (batch := await stream.next_batch()) is not None:
                 out = [chunk for chunk in map(writer.rewrite, batch) if chunk is not None]
                 if out:
                     now = time.perf_counter()
@@ -396,9 +397,6 @@ class DecodeSession:
 
     def _attach(self, stream: EventStream, inst: Instance) -> None:
         self.stream, self.inst, self._leg_open = stream, inst, True
-        # Kept: leaving the loop over it to move must not finalize it (which closes the
-        # connection) before the source's connector has been told to hold the KV.
-        self._batches = stream.batches()
         self._occupied = Occupied(inst, DECODE, self.plan.estimated_tokens).__enter__()
         self.live.attach(inst.url, self)
 

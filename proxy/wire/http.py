@@ -49,6 +49,8 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool_key: str) -> None:
         self.pool_key = pool_key
+        # Kept: asking asyncio for the running loop costs a getpid() system call (3.11).
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.parser = httptools.HttpResponseParser(self)
@@ -118,10 +120,9 @@ class _Connection(asyncio.Protocol):
     # --- the client side --------------------------------------------------------------
 
     def start(self, request: bytes) -> tuple["Response", asyncio.Future[None]]:
-        loop = asyncio.get_running_loop()
         self._headers = []
         self._response = Response(self)
-        self._headers_done = loop.create_future()
+        self._headers_done = self.loop.create_future()
         assert self.transport is not None
         self.transport.write(request)
         return self._response, self._headers_done
@@ -192,7 +193,7 @@ class Response:
                 raise self._exc
             if self.complete:
                 return None
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = self._conn.loop.create_future()
             try:
                 await waiter
             finally:
