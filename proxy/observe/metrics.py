@@ -10,12 +10,12 @@ With several worker processes, prometheus-client's multiprocess mode aggregates 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 
+import orjson
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -220,7 +220,8 @@ class RequestRecord:
         if self.recent is not None:
             self.recent.add(self, phases)
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(json.dumps(self.log_fields(phases), separators=(",", ":")))
+            # orjson: one line per request, at a tenth of the stdlib's cost.
+            access_log.info(orjson.dumps(self.log_fields(phases)).decode())
 
     def log_fields(self, phases: dict[str, float]) -> dict[str, object]:
         fields: dict[str, object] = {
