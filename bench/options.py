@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import datetime as _dt
 import os
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +35,7 @@ class Options:
     out: Path
     log_dir: Path
     proxy_env: dict[str, str]
+    proxy_python: str  # the interpreter pdproxy runs on (the fakes and the load keep ours)
     peer_log_level: str | None
     profile: list[tuple[str, int]]  # (endpoint, concurrency) cells whose window py-spy records
 
@@ -109,6 +111,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="extra environment for pdproxy",
     )
     parser.add_argument(
+        "--proxy-python",
+        default=sys.executable,
+        metavar="PATH",
+        help="the Python interpreter pdproxy runs on (with the proxy's dependencies "
+        "installed), e.g. to compare CPython versions (default: this one)",
+    )
+    parser.add_argument(
         "--profile",
         action="append",
         default=[],
@@ -151,6 +160,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         out=out,
         log_dir=out.parent / (out.stem + "-logs"),
         proxy_env=proxy_env,
+        proxy_python=args.proxy_python,
         peer_log_level=args.peer_log_level,
         profile=[(e, int(c)) for e, c in (item.split(":") for item in args.profile)],
     )

@@ -70,7 +70,7 @@ def proxy_process(opts: Options, p_url: str, d_url: str, workers: int, cores: st
         }
     )
     env.update(opts.proxy_env)
-    argv = ["taskset", "-c", cores, sys.executable, "-m", "proxy"]
+    argv = ["taskset", "-c", cores, opts.proxy_python, "-m", "proxy"]
     return Process(
         f"pdproxy-w{workers}",
         argv,
