@@ -224,8 +224,8 @@ class EventStream:
     async def next_batch(self) -> list[bytes] | None:
         """The data of the events that have arrived (at least one; several when the
         backend is ahead, to be forwarded in one write); None at ``[DONE]`` or the end.
-        A coroutine, not an async generator: it runs once per relayed batch, and a
-        generator's frame switches cost more than the call."""
+        A call, not an async generator: a session that stops reading to move the stream
+        leaves nothing behind to finalise, and its ``_detach`` closes the stream."""
         loop = self._loop
         if self._watchdog is None and not self._closed:
             self._last_event = loop.time()
