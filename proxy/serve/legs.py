@@ -251,7 +251,7 @@ class EventStream:
         self._watchdog = None
         if self._closed or self._response is None:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         due = self._next_due()
         if loop.time() < due:
             self._watchdog = loop.call_at(due, self._watch)

@@ -222,7 +222,7 @@ class DecodeSession:
                         return  # asked to move: here, on a character boundary
                     # Too late: the answer ends on this leg (its last tokens are out).
                     self._move, self.moving = None, False
-            if not self.stream.done_seen:
+            if not stream.done_seen:
                 raise LegError(
                     502, f"decode backend {self.inst.url} ended the stream early", leg=DECODE
                 )
