@@ -41,7 +41,9 @@ async def probe(client: httpx.AsyncClient, inst: Instance, headers: dict[str, st
         response = await client.post(
             inst.url + "/v1/completions", json=body, headers={**headers, "x-request-id": "probe"}
         )
-        params = response.json().get("kv_transfer_params") if response.status_code == 200 else None
+        if response.status_code != 200:
+            return  # a busy or starting server: asked again at the next check
+        params = response.json().get("kv_transfer_params")
     except Exception:  # noqa: BLE001 - a probe must never break a health check
         return  # asked again at the next check
     target = release_target(params)

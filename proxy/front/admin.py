@@ -37,6 +37,9 @@ def describe(inst: Instance, live_streams: int) -> dict[str, Any]:
         "ejected": not inst.available() and inst.healthy and not inst.draining,
         "in_flight": inst.in_flight,
         "live_streams": live_streams,  # streams this proxy relays from it (movable)
+        # Its KV connector's control plane: streams leave it with their KV through it;
+        # "" when it has none (they recompute), null until the proxy has asked.
+        "kv_connector": inst.connector,
         "server_running": inst.load.running,
         "server_waiting": inst.load.waiting,
         "kv_cache_usage": inst.load.kv_usage,

@@ -141,13 +141,15 @@ def wait_for(check, timeout: float, what: str):
 
 
 def connectors_known(proxy, count: int) -> None:
-    """The proxy learns each decode instance's connector from a health-check probe."""
-    wait_for(
-        lambda: metric(proxy.url, "pdproxy_backend_healthy", role="decode") >= count,
-        60,
-        "decode instances healthy",
-    )
-    time.sleep(2.5)  # a probe follows the first healthy check
+    """The proxy learns each decode instance's connector from a health-check probe (a
+    probe that found the server busy is asked again at the next check): until it has,
+    a stream leaves that instance by recomputing."""
+
+    def known() -> bool:
+        listed = admin(proxy, "GET", "/admin/instances")["decode"]
+        return sum(1 for inst in listed if inst["kv_connector"]) >= count
+
+    wait_for(known, 90, "the decode instances' KV connectors")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ INSTANCE_FIELDS = {
     "ejected",
     "in_flight",
     "live_streams",
+    "kv_connector",
     "server_running",
     "server_waiting",
     "kv_cache_usage",

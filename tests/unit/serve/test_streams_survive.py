@@ -83,6 +83,17 @@ def metric(url: str, name: str, **labels: str) -> float:
     return total
 
 
+def connectors_known(url: str, count: int = 2) -> bool:
+    """Whether the proxy has learnt ``count`` decode instances' KV connectors (from the
+    health monitor's probes): until then a stream leaves an instance by recomputing."""
+
+    def known() -> bool:
+        listed = httpx.get(url + "/admin/instances", headers=ADMIN).json()["decode"]
+        return sum(1 for inst in listed if inst["kv_connector"]) >= count
+
+    return wait_for(known)
+
+
 @pytest.fixture
 def engines():
     with (
@@ -164,7 +175,7 @@ def test_drain_moves_a_live_stream_with_its_kv(engines, chat):
         d.configure(itl_ms=40)
     settings = {"admin_key": "admin-key", "health_interval": 0.2}
     with live_proxy([p.url], [d1.url, d2.url], monitor=True, **settings) as url:
-        assert wait_for(lambda: d1.stats()["paths"].get("/v1/completions", 0) >= 1)  # probes
+        assert connectors_known(url)
         moves = metric(url, "pdproxy_stream_moves_total", reason="drain", kind="kv")
         kv_tokens = metric(url, "pdproxy_stream_move_kv_tokens_total")
         got = drain_while_streaming(url, engines, chat)
@@ -179,6 +190,18 @@ def test_drain_moves_a_live_stream_with_its_kv(engines, chat):
     pulled = [r["body"]["kv_transfer_params"] for r in target.stats()["recent"]]
     assert any(kv.get("remote_port") == source.port for kv in pulled if kv)
     assert source.stats()["kv_held"] == 0  # pulled: nothing stranded
+
+
+def test_a_busy_server_is_probed_again_for_its_connector(engines):
+    p, d1, d2 = engines
+    # The first probes find d1 overloaded: that says nothing about its connector.
+    d1.configure(fault="error", fault_legs="prefill", fault_times=3, fault_status=503)
+    settings = {"admin_key": "admin-key", "health_interval": 0.2}
+    with live_proxy([p.url], [d1.url, d2.url], monitor=True, **settings) as url:
+        assert connectors_known(url)
+        listed = httpx.get(url + "/admin/instances", headers=ADMIN).json()["decode"]
+    assert {inst["url"]: inst["kv_connector"] for inst in listed}[d1.url].startswith("http")
+    assert d1.stats()["paths"]["/v1/completions"] >= 4  # three refused, then answered
 
 
 def test_target_failing_frees_the_sources_kv(engines):
@@ -296,7 +319,7 @@ def test_the_rebalancer_evens_out_live_streams(engines):
         "rebalance_threshold": 1,
     }
     with live_proxy([p.url], [d1.url, d2.url], monitor=True, **settings) as url:
-        assert wait_for(lambda: d2.stats()["paths"].get("/v1/completions", 0) >= 1)  # probes
+        assert connectors_known(url)
         drained = {"role": "decode", "url": d2.url}
         httpx.post(url + "/admin/instances/drain", json=drained, headers=ADMIN)
         results: list[dict] = []
