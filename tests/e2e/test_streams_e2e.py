@@ -147,9 +147,10 @@ def connectors_known(proxy, count: int) -> None:
 
     def known() -> bool:
         listed = admin(proxy, "GET", "/admin/instances")["decode"]
-        return sum(1 for inst in listed if inst["kv_connector"]) >= count
+        return sum(1 for inst in listed if inst["healthy"] and inst["kv_connector"]) >= count
 
-    wait_for(known, 90, "the decode instances' KV connectors")
+    # A restarted instance keeps the connector learnt before; "healthy" says it is back.
+    wait_for(known, 90, "the decode instances healthy, with their KV connectors")
 
 
 @pytest.fixture(scope="module")

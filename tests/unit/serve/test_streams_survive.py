@@ -84,12 +84,13 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 
 def connectors_known(url: str, count: int = 2) -> bool:
-    """Whether the proxy has learnt ``count`` decode instances' KV connectors (from the
-    health monitor's probes): until then a stream leaves an instance by recomputing."""
+    """Whether ``count`` decode instances are healthy and the proxy knows their KV
+    connectors (from the health monitor's probes): until then a stream leaves an
+    instance by recomputing."""
 
     def known() -> bool:
         listed = httpx.get(url + "/admin/instances", headers=ADMIN).json()["decode"]
-        return sum(1 for inst in listed if inst["kv_connector"]) >= count
+        return sum(1 for inst in listed if inst["healthy"] and inst["kv_connector"]) >= count
 
     return wait_for(known)
 
