@@ -121,11 +121,19 @@ def one_round(
 
 
 def moves_logged(log_path: Path) -> list[dict[str, Any]]:
+    """The proxy's ``stream_moved`` events: its log lines are JSON, and the event is the
+    line's message, itself JSON (so its quotes arrive escaped)."""
     out = []
     for line in log_path.read_text().splitlines():
-        start = line.find('{"event":"stream_moved"')
-        if start >= 0:
-            out.append(json.loads(line[start:]))
+        if "stream_moved" not in line:
+            continue
+        try:
+            message = json.loads(line).get("msg")
+            moved = json.loads(message) if isinstance(message, str) else None
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(moved, dict) and moved.get("event") == "stream_moved":
+            out.append(moved)
     return out
 
 
@@ -180,6 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             break
                         except NotMoved:
                             unmoved[kind] += 1
+                            timing = None  # that stream does not count
                     if timing is None:
                         raise RuntimeError("six streams in a row ended before they moved")
                     if rep:

@@ -11,7 +11,6 @@ metrics show that a moved stream's KV came over the wire and only the tail was c
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import random
 import re
@@ -23,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench import sse
+from bench import migration, sse
 from tests.support.compare import Summary, call, differences, summarize_stream
 from tests.support.scrape import by_source, metric, pd_stats
 
@@ -332,14 +331,7 @@ def test_rebalance_evens_out_a_skewed_spread(cluster):
 
 
 def moves_logged(proxy, reason: str) -> list[dict[str, Any]]:
-    out = []
-    for line in proxy.log_path.read_text().splitlines():
-        start = line.find('{\\"event\\":\\"stream_moved\\"')
-        if start >= 0:
-            move = json.loads(json.loads(line)["msg"])
-            if move["reason"] == reason:
-                out.append(move)
-    return out
+    return [move for move in migration.moves_logged(proxy.log_path) if move["reason"] == reason]
 
 
 def rebalance_looks(proxy) -> list[int]:
