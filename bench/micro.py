@@ -11,8 +11,10 @@ the machine matter less than for wall-clock figures):
 - ``timeout``: ``asyncio.timeout`` around every awaited event versus none.
 - ``metrics``: prometheus ``Histogram.labels(x).observe`` per chunk versus a cached child.
 - ``pool``: httpx's per-request cost as its pool holds more connections.
-- ``sse``: the proxy's line-by-line ``SSEParser`` versus splitting on blank lines with a
-  fast path for the one-line ``data: ...`` events vLLM sends.
+- ``sse``: the proxy's ``SSEParser`` versus splitting on blank lines with a fast path for
+  the one-line ``data: ...`` events vLLM sends.
+- ``relay``: one decode chunk's parse and rewrite per writer (completions and chat
+  stitched, decode mode), the client not asking for token ids.
 """
 
 from __future__ import annotations
@@ -178,6 +180,58 @@ def bench_sse() -> dict[str, float]:
         )
         / 4,
     }
+
+
+# --- the relay's per-chunk work ----------------------------------------------------------------
+
+
+def bench_relay() -> dict[str, float]:
+    """What the proxy does to each decode chunk it relays, without the sockets: parse the
+    SSE read, rewrite the event for the client (token tracking, ids nulled), frame it."""
+    from proxy.serve.plan import plan_request
+    from proxy.serve.stitch import PrefillResult
+    from proxy.serve.transcript import Transcript
+    from proxy.serve.vocabulary import CHAT, COMPLETIONS, Mode
+    from proxy.serve.writers import make_writer
+    from proxy.wire.sse import SSEParser
+
+    ident = b'"id":"cmpl-1d0285930000000001f3-0","created":1795561950,"model":"fake"'
+    reads = [
+        b'data: {"object":"text_completion",%s,"choices":[{"index":0,"text":" w%d",'
+        b'"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
+        b'"token_ids":[%d]}]}\n\n' % (ident, i, 1000 + i)
+        for i in range(1000)
+    ]
+    out = {}
+    for kind, mode in (
+        (COMPLETIONS, Mode.STITCHED),
+        (CHAT, Mode.STITCHED),
+        (COMPLETIONS, Mode.DECODE),
+    ):
+        raw = {"id": "cmpl-1d0285930000000001f3-0", "created": 1795561950, "model": "fake"}
+        prompt = (
+            {"prompt": "hi"}
+            if kind == COMPLETIONS
+            else {"messages": [{"role": "user", "content": "x"}]}
+        )
+        choice = (
+            {"text": "A"}
+            if kind == COMPLETIONS
+            else {"message": {"role": "assistant", "content": "A"}}
+        )
+        p = PrefillResult(kind, raw, choice, "A", [65], [1, 2], None, {"prompt_tokens": 2}, None)
+        plan = plan_request(kind, {"model": "fake", "max_tokens": 10**6, "stream": True, **prompt})
+        writer = make_writer(mode, plan, p, Transcript())
+        writer.opening()
+        parser = SSEParser()
+        count = iter(range(10**9))
+
+        def one() -> None:
+            for data in parser.feed(reads[next(count) % 1000]):
+                writer.rewrite(data)
+
+        out[f"{kind} {mode.value}: SSE read + rewrite (us/chunk)"] = _cpu_us(one, 100_000)
+    return out
 
 
 # --- prometheus ----------------------------------------------------------------------------
@@ -439,6 +493,7 @@ def _run(coro: Awaitable[Any]) -> Any:
 BENCHES = {
     "json": bench_json,
     "sse": bench_sse,
+    "relay": bench_relay,
     "timeout": bench_timeout,
     "metrics": bench_metrics,
     "clients": bench_clients,

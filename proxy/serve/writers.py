@@ -40,13 +40,17 @@ from .stitch import (
 from .transcript import Transcript
 from .vocabulary import CHAT, Mode
 
-# Token id lists: digits, commas (and, from other writers than vLLM's, spaces).
-_IDS = re.compile(rb'"(prompt_token_ids|token_ids)"\s*:\s*\[[0-9,\s]*\]')
+# Token id lists: digits, commas (and, from other writers than vLLM's, spaces). One
+# pattern per field, each with a literal replacement: a group reference in the
+# replacement costs three times as much per chunk.
+_TOKEN_IDS = re.compile(rb'"token_ids"\s*:\s*\[[0-9,\s]*\]')
+_PROMPT_IDS = re.compile(rb'"prompt_token_ids"\s*:\s*\[[0-9,\s]*\]')
 
 
 def without_ids(data: bytes) -> bytes:
     """An event with the token ids the proxy asked for (not the client) nulled."""
-    return _IDS.sub(rb'"\1":null', data)
+    data = _TOKEN_IDS.sub(b'"token_ids":null', data)
+    return _PROMPT_IDS.sub(b'"prompt_token_ids":null', data)
 
 
 class _News(NamedTuple):

@@ -22,7 +22,7 @@ from proxy.serve.session import DecodeSession
 from proxy.serve.stitch import PrefillResult
 from proxy.serve.transcript import Transcript
 from proxy.serve.vocabulary import CHAT, COMPLETIONS, Mode
-from proxy.serve.writers import make_writer, resume_writer
+from proxy.serve.writers import make_writer, resume_writer, without_ids
 from proxy.settings import Settings
 
 PROMPT_IDS = [1, 2]
@@ -203,3 +203,20 @@ async def test_after_a_failure_another_instances_tokenizer_finds_where_to_restar
         await s._continue_on_another("failure", None)
     assert set(asked) == {"http://d2"}
     assert opened[0]["prompt"] == [*PROMPT_IDS, *t.ids[:7]]  # after F
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"choices":[{"text":"a","prompt_token_ids":[1,2],"token_ids":[3]}]}',
+        b'{"choices": [{"text": "a", "prompt_token_ids" : [1, 2], "token_ids": [ 3 ]}]}',
+        b'{"choices":[{"text":"a","prompt_token_ids":null,"token_ids":[3,4,5]}]}',
+        b'{"choices":[{"text":"\\"token_ids\\":[9]","token_ids":[]}]}',
+    ],
+)
+def test_token_ids_the_client_did_not_ask_for_are_nulled(data: bytes):
+    chunk = json.loads(without_ids(data))
+    choice = chunk["choices"][0]
+    assert choice["token_ids"] is None
+    assert choice.get("prompt_token_ids") is None
+    assert choice["text"] == json.loads(data)["choices"][0]["text"]

@@ -67,3 +67,27 @@ def test_any_split_gives_the_same_events(payloads, data):
     ]  # "data: " alone carries an empty payload
     got = parse_all(pieces)
     assert [g for g in got if g] == expected
+
+
+sse_bytes = st.lists(
+    st.sampled_from(
+        [b"data: ", b"data:", b"event: x", b": c", b"\n", b"\r", b"\n\n", b"ab", b"{}"]
+    ),
+    max_size=24,
+).map(b"".join)
+# Most shaped like a whole read ("data: ...\n\n"), where the shortcut is tried.
+sse_reads = st.one_of(sse_bytes, sse_bytes.map(lambda middle: b"data: " + middle + b"\n\n"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(sse_reads)
+def test_reads_of_whole_events_parse_as_byte_by_byte(stream):
+    """The shortcut for reads of whole one-line events gives what the line parser gives."""
+    whole = parse_all([stream, stream])
+    assert whole == parse_all([stream[i : i + 1] for i in range(len(stream))] * 2)
+
+
+def test_a_whole_read_over_the_limit_is_refused():
+    parser = SSEParser(max_event_bytes=16)
+    with pytest.raises(SSEProtocolError):
+        parser.feed(b"data: " + b"x" * 64 + b"\n\n")
