@@ -32,6 +32,11 @@ from engine_ext.wake import RECV, SEND, Announcer
 from tests.unit.connector.test_scheduler import blocks, make_scheduler, prefill, request
 
 PULL_SECONDS = 0.05
+# How soon after a transfer ends the engine must act on it. Idle steps here last 2 ms and
+# a hand-off lags 2-6 ms, even with both cores of a 2-core runner busy; a missed wake-up
+# costs the safety net (2 s here: ``short_safety_net``). The bound sits far from both,
+# so a runner that deschedules the test for tens of milliseconds does not fail it.
+PROMPTLY = 0.25
 
 
 class Worker:
@@ -309,7 +314,7 @@ def test_decode_runs_as_soon_as_its_pull_ends(engines, batch_queue):
     engine = engines(batch_queue=batch_queue, idle_step_sleep_ms=2)
     holding(engine)
     lags = hand_offs(engine, 4)
-    assert max(lags) < 0.05, lags
+    assert max(lags) < PROMPTLY, lags
 
 
 @pytest.mark.parametrize("batch_queue", [False, True], ids=["sync", "async-scheduling"])
@@ -320,7 +325,7 @@ def test_held_blocks_are_freed_as_soon_as_they_are_pulled(engines, batch_queue):
         rid = f"p{i}"
         engine.submit("finish_prefill", rid)
         freed = wait_for(engine.scheduler.freed_at, rid)
-        assert freed - engine.worker.ended_at[rid] < 0.05
+        assert freed - engine.worker.ended_at[rid] < PROMPTLY
 
 
 @pytest.mark.parametrize("batch_queue", [False, True], ids=["sync", "async-scheduling"])
@@ -330,7 +335,7 @@ def test_a_lost_wake_up_costs_a_waiting_request_milliseconds(engines, batch_queu
     engine = engines(batch_queue=batch_queue, announce=False, idle_step_sleep_ms=2)
     holding(engine)
     lags = hand_offs(engine, 4)
-    assert max(lags) < 0.05, lags
+    assert max(lags) < PROMPTLY, lags
 
 
 @pytest.mark.parametrize("batch_queue", [False, True], ids=["sync", "async-scheduling"])
@@ -340,4 +345,4 @@ def test_a_long_pull_is_acted_on_as_soon_as_it_ends(engines, batch_queue):
     engine = engines(batch_queue=batch_queue, pull_seconds=0.5, idle_step_sleep_ms=2)
     holding(engine)
     lags = hand_offs(engine, 2)
-    assert max(lags) < 0.05, lags
+    assert max(lags) < PROMPTLY, lags
