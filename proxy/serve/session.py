@@ -143,9 +143,11 @@ class DecodeSession:
         opening = self._first_leg()
         try:
             try:
-                for chunk in writer.opening():
+                # Events that go out together are yielded together: each yield is a write
+                # to the client's socket, the costliest step of relaying one.
+                if events := writer.opening():
                     record.first_token = record.first_token or time.perf_counter()
-                    yield chunk
+                    yield b"".join(events)
                 # Shielded: a client leaving cancels this generator, which must not reach
                 # into the opening request's own clean-up; the finally cancels it once.
                 self._attach(*await asyncio.shield(opening))
@@ -155,14 +157,13 @@ class DecodeSession:
                     if self._move is None:
                         break  # the answer is complete
                     writer = await self._continue(*self._move)
-                for chunk in writer.closing():
-                    yield chunk
+                tail = writer.closing()
             except ProxyError as error:
                 record.outcome, record.error = "error", error.message
                 if self.inst is not None and error.status >= 500:
                     health.record_failure(self.inst, DECODE, self.settings)
-                yield stream_error_event(error)
-            yield DONE_EVENT
+                tail = [stream_error_event(error)]
+            yield b"".join([*tail, DONE_EVENT])
         except (asyncio.CancelledError, GeneratorExit):
             record.outcome, record.status = "client_gone", 499
             raise

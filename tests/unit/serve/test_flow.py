@@ -353,3 +353,51 @@ async def test_echo_is_not_asked_for_token_ids(stream):
         response = await h.client.post("/v1/completions", json=body)
         assert response.headers["x-pdproxy-mode"] == "colocated"
         assert "return_token_ids" not in h.backends["d1"].calls[0]["body"]
+
+
+async def test_events_that_go_out_together_are_one_write():
+    # Each ASGI body message is a write to the client's socket, the costliest step of
+    # relaying: the chat opening (role, P's token) is one, and so is the end (usage, DONE).
+    async with harness() as h:
+        body = json.dumps(dict(CHAT, stream=True, stream_options={"include_usage": True})).encode()
+        requested = False
+
+        async def receive():
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # the client stays
+
+        messages = []
+
+        async def send(message):
+            messages.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"pdproxy"), (b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+        await asyncio.wait_for(h.app(scope, receive, send), 10)
+        writes = [m["body"] for m in messages if m["type"] == "http.response.body" and m["body"]]
+        events = [
+            [json.loads(e[6:]) if e != b"data: [DONE]" else "DONE" for e in w.split(b"\n\n") if e]
+            for w in writes
+        ]
+        assert len(events[0]) == 2, events[0]
+        role, token = events[0]
+        assert role["choices"][0]["delta"]["role"] == "assistant"
+        assert (
+            "role" not in token["choices"][0]["delta"] and token["choices"][0]["delta"]["content"]
+        )
+        assert len(events[-1]) == 2 and events[-1][0]["usage"] and events[-1][1] == "DONE"
