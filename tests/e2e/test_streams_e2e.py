@@ -162,9 +162,10 @@ def two_decoders(cluster):
         PDPROXY_DECODE_POLICY="least_load",
         # A move waits this long for the source to hold the KV before it recomputes
         # instead: on a starved two-core machine the source's engine and API server may
-        # not run for seconds (a fresh clone's CI saw a 3 s wait run out, one move of
-        # three recomputed), and these tests check that every move carries the KV.
-        PDPROXY_MIGRATION_TIMEOUT="15",
+        # not run for seconds, and these tests check that every move carries the KV.
+        # Fresh clones' CI saw a 3 s wait run out, then a 15 s one (the source's engine
+        # logged nothing for 30 s, then held the request).
+        PDPROXY_MIGRATION_TIMEOUT="60",
     )
     connectors_known(proxy, 2)
     return proxy
