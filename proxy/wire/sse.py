@@ -30,14 +30,18 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The data of every event completed by ``chunk``."""
-        if not self._buffer and not self._data and chunk.endswith(b"\n\n"):
+        if (
+            not self._buffer
+            and not self._data
+            and chunk.startswith(b"data: ")
+            and chunk.endswith(b"\n\n")
+        ):
             # Fastest path: a read of whole one-line events and nothing else, which is
             # what vLLM's one write per chunk arrives as: split it, no buffer copies.
             # Every newline ends an event exactly when there are two per event.
             events = chunk[6:-2].split(b"\n\ndata: ")
             if (
-                chunk.startswith(b"data: ")
-                and chunk.count(b"\n") == 2 * len(events)
+                chunk.count(b"\n") == 2 * len(events)
                 and b"\r" not in chunk
                 and len(chunk) <= self._max
             ):
