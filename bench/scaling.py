@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,7 @@ def cell(workers: int, url: str, meter: TreeMeter, load: list[TreeMeter], args) 
         "chunks_per_s": chunks_per_s,
         "requests_per_s": sum(r["requests_per_s"] for r in results),
         "errors": sum(r["errors"] for r in results),
+        "error_kinds": dict(sum((Counter(r.get("error_kinds", {})) for r in results), Counter())),
         "proxy_cores_busy": proxy_cores,
         "proxy_cpu_us_per_chunk": 1e6 * proxy_cores / chunks_per_s if chunks_per_s else None,
         "fakes_cores_busy": busy[: len(load)],
@@ -123,7 +125,8 @@ def cell(workers: int, url: str, meter: TreeMeter, load: list[TreeMeter], args) 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_nofile()
-    logs = Path(tempfile.mkdtemp(prefix="pdproxy-scaling-"))
+    logs = Path(args.log_dir or tempfile.mkdtemp(prefix="pdproxy-scaling-"))
+    logs.mkdir(parents=True, exist_ok=True)
     fakes = [fake(f"{role}{i}", args, logs) for role in "pd" for i in range(args.fakes)]
     cells: list[dict[str, Any]] = []
     try:
@@ -168,6 +171,7 @@ def line(c: dict[str, Any], base: dict[str, Any]) -> str:
         f"  x{speedup:.2f}  proxy {c['proxy_cores_busy']:.2f} cores"
         f"  {c['proxy_cpu_us_per_chunk'] or 0:.1f} us/chunk"
         f"  load side {c['load_cores_busy']:.2f} cores  errors {c['errors']}{note}"
+        + "".join(f"\n    {n} x {kind}" for kind, n in c.get("error_kinds", {}).items())
     )
 
 
@@ -185,6 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prefill-ms", type=float, default=10.0)
     parser.add_argument("--itl-ms", type=float, default=2.0)
+    parser.add_argument("--log-dir", default=None, help="the processes' logs (default: a temp dir)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     args.workers = [int(w) for w in args.workers.split(",")]

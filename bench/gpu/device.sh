@@ -95,6 +95,9 @@ scaling)
   if [ ! -d "$SITE/orjson" ]; then mkdir -p "$STASH/extra" && tar -xf .gpu/extra.tar -C "$STASH/extra" && $PIP "$STASH"/extra/*.whl; fi
   export PYTHONPATH=$SITE:$(pwd)
   lscpu | grep -E "^(Model name|CPU\(s\)|Thread|Core|Socket|NUMA node)" ; ulimit -n 65536 2>/dev/null
-  timeout 540 python3 -m bench.scaling ${SCALING_ARGS:-} --out "$OUT/scaling.json"; echo "scaling rc=$? total $(el)"
+  timeout 540 python3 -m bench.scaling ${SCALING_ARGS:-} --log-dir /root/scaling-logs --out "$OUT/scaling.json"; echo "scaling rc=$? total $(el)"
+  # The logs stay here (the access logs are too big to carry back): what went wrong only.
+  grep -h -v '"status":200,' /root/scaling-logs/pdproxy-w*.log | grep -v '"level": "INFO"' | head -400 > "$OUT/scaling-proxy-problems.txt"
+  for f in /root/scaling-logs/*.log; do echo "$(basename $f): $(wc -l < $f) lines"; done
   ;;
 esac
