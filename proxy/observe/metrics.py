@@ -147,6 +147,24 @@ def render() -> bytes:
     return generate_latest()
 
 
+PHASES = [(phase, PHASE.labels(phase)) for phase in ("proxy", "prefill", "handoff", "decode")]
+_CHILDREN: dict[tuple[str, str, str], tuple[Counter, Histogram, Histogram]] = {}
+
+
+def _children(endpoint: str, mode: str, outcome: str) -> tuple[Counter, Histogram, Histogram]:
+    """The series a finished request updates. ``labels()`` takes a lock and builds its key
+    on every call (~2 µs); these few label sets never change, so each is looked up once."""
+    key = (endpoint, mode, outcome)
+    children = _CHILDREN.get(key)
+    if children is None:
+        children = _CHILDREN[key] = (
+            REQUESTS.labels(endpoint, mode, outcome),
+            E2E.labels(endpoint, mode),
+            TTFT.labels(endpoint, mode),
+        )
+    return children
+
+
 @dataclass
 class RequestRecord:
     """Timestamps (time.perf_counter) and choices of one request."""
@@ -210,13 +228,14 @@ class RequestRecord:
         self.finished = time.perf_counter()
         self.trace.finish(self.status, self.mode)
         phases = self.phases()
-        REQUESTS.labels(self.endpoint, self.mode, self.outcome).inc()
-        E2E.labels(self.endpoint, self.mode).observe(phases["total"])
+        requests, e2e, ttft = _children(self.endpoint, self.mode, self.outcome)
+        requests.inc()
+        e2e.observe(phases["total"])
         if self.first_token is not None:
-            TTFT.labels(self.endpoint, self.mode).observe(self.first_token - self.started)
+            ttft.observe(self.first_token - self.started)
         if self.outcome == "ok":
-            for phase in ("proxy", "prefill", "handoff", "decode"):
-                PHASE.labels(phase).observe(phases[phase])
+            for phase, histogram in PHASES:
+                histogram.observe(phases[phase])
         if self.recent is not None:
             self.recent.add(self, phases)
         if access_log.isEnabledFor(logging.INFO):
