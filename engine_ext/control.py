@@ -11,9 +11,10 @@ beyond the standard library and never blocks the engine loop.
   hold the KV of the running request with that ``migration_key`` when it ends (the
   proxy then ends it: :mod:`engine_ext.migrations`).
 * ``POST /pd/held`` ``{"key": "...", "wait_seconds": w}`` -> ``200 {"outcome": ...}``:
-  what became of an armed request, waiting up to ``w`` seconds for it to end:
-  ``held`` (with the ``kv_transfer_params`` of its KV), ``finished`` (it ended
-  normally first), ``not_held``, or ``pending`` / ``unknown``.
+  what became of an armed request, waiting up to ``w`` seconds (30 at most) for it to
+  end: ``held`` (with the ``kv_transfer_params`` of its KV), ``finished`` (it ended
+  normally first), ``not_held``, ``pending`` (not ended yet: ask again) or ``unknown``
+  (never armed here, or already collected).
 * ``GET /pd/stats`` -> JSON totals (what the tests read).
 * ``GET /metrics`` -> the same totals as Prometheus text.
 * ``GET /pd/health`` -> ``{"ok": true}``.

@@ -78,17 +78,19 @@ class MigrationTable:
             return True
 
     def collect(self, key: str, wait_seconds: float) -> dict[str, Any] | None:
-        """The outcome of an armed request, waiting up to ``wait_seconds`` for it to end
-        (None: not ended yet, or never armed)."""
+        """The outcome of an armed request, waiting up to ``wait_seconds`` for it to end:
+        None if it has not ended yet (ask again), ``{"outcome": "unknown"}`` if there is
+        nothing to wait for (never armed here, or its outcome already collected)."""
         deadline = self._clock() + max(0.0, wait_seconds)
         with self._cond:
             while key not in self._outcomes:
+                if key not in self._armed:  # armed until its outcome is recorded
+                    return {"outcome": "unknown"}
                 left = deadline - self._clock()
-                if left <= 0 or (key not in self._armed and key not in self._running):
-                    break
+                if left <= 0:
+                    return None
                 self._cond.wait(left)
-            entry = self._outcomes.pop(key, None)
-            return entry[1] if entry is not None else None
+            return self._outcomes.pop(key)[1]
 
     def __len__(self) -> int:
         with self._cond:

@@ -291,6 +291,8 @@ class PDScheduler:
         return self.migrations.arm(key, lease_seconds)
 
     def collect_migration(self, key: str, wait_seconds: float) -> dict[str, Any] | None:
+        # One control-plane thread waits at most 30 s; a caller that will wait longer
+        # asks again while the answer is "pending".
         return self.migrations.collect(key, min(wait_seconds, 30.0))
 
     def zmq_ports(self) -> list[int]:

@@ -12,6 +12,7 @@ recomputing instead: slower, never wrong.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -70,11 +71,7 @@ class Migration:
             return self.kv_params
         self.collected = True
         try:
-            answer = await self._post(
-                "/pd/held",
-                {"key": self.key, "wait_seconds": self.settings.migration_timeout},
-                self.settings.migration_timeout + self.settings.connect_timeout,
-            )
+            answer = await self._wait_for_outcome()
         except ProxyError as exc:
             log.warning("no KV from %s for a move: %s", self.source.url, exc.message)
             return None
@@ -86,6 +83,25 @@ class Migration:
         self.kv_params = answer["kv_transfer_params"]
         self.held = HeldKV(self.kv_params, self.dispatcher.post_release)
         return self.kv_params
+
+    async def _wait_for_outcome(self) -> dict[str, Any]:
+        """Ask the source what became of the request, for up to ``migration_timeout``:
+        one answer waits at most as long as the source allows (30 s), so a "pending"
+        before the timeout means ask again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.migration_timeout
+        while True:
+            asked_at = loop.time()
+            wait = deadline - asked_at
+            answer = await self._post(
+                "/pd/held",
+                {"key": self.key, "wait_seconds": wait},
+                wait + self.settings.connect_timeout,
+            )
+            waited = loop.time() - asked_at
+            # An answer that did not wait (a source that cannot) ends the asking: no spin.
+            if answer.get("outcome") != "pending" or deadline - loop.time() <= 0 or waited < 1:
+                return answer
 
     def taken(self) -> None:
         """The destination's first event came: it has the KV."""

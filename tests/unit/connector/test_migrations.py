@@ -51,7 +51,7 @@ def test_unarmed_and_unknown_keys():
     assert not sched.arm_migration("other", None)  # not running here
     req.status = RequestStatus.FINISHED_ABORTED
     assert sched.request_finished(req, [5, 6]) == (False, None)  # not armed: freed
-    assert sched.collect_migration("k1", 0) is None
+    assert sched.collect_migration("k1", 0) == {"outcome": "unknown"}  # nothing to wait for
     assert not sched.arm_migration("k1", None)  # ended: too late
 
 
@@ -63,7 +63,18 @@ def test_collect_waits_for_the_request_to_end():
     threading.Timer(0.2, lambda: (table.ended("k"), table.record("k", {"outcome": "x"}))).start()
     assert table.collect("k", 5) == {"outcome": "x"}
     assert 0.15 < time.monotonic() - start < 2
-    assert table.collect("k", 0.1) is None  # collected once
+    assert table.collect("k", 0.1) == {"outcome": "unknown"}  # collected once
+
+
+def test_collect_answers_at_once_when_there_is_nothing_to_wait_for():
+    table = MigrationTable()
+    start = time.monotonic()
+    assert table.collect("never-armed", 5) == {"outcome": "unknown"}
+    table.started("k", "r")
+    assert table.collect("k", 5) == {"outcome": "unknown"}  # running, but not armed
+    assert time.monotonic() - start < 1
+    assert table.arm("k", None)
+    assert table.collect("k", 0.05) is None  # armed, still running: ask again
 
 
 def test_control_plane_arms_and_collects():
