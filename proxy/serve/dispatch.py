@@ -29,9 +29,10 @@ from ..fleet.routing import RouteContext, make_router
 from ..observe.metrics import KV_RELEASES, RETRIES, RequestRecord
 from ..settings import PoolDownPolicy, Settings
 from ..wire.kv_params import with_migration_key, without_pull
+from .bodies import continuation_body, decode_body, prefill_body
 from .held_kv import HeldKV
 from .legs import EventStream, LegError, PoolUnreachable, call_json
-from .plan import Plan, continuation_body, decode_body, prefill_body
+from .plan import Plan
 from .stitch import PrefillResult, parse_prefill
 from .vocabulary import COMPLETIONS, ENDPOINTS, Mode
 

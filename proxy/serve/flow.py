@@ -36,12 +36,13 @@ from ..observe.recent import Recent
 from ..observe.tracing import Tracing
 from ..settings import PoolDownPolicy, Settings
 from ..wire.sse import DONE_EVENT
+from .bodies import colocated_body
 from .disconnect import DisconnectWatch
 from .dispatch import Dispatcher
 from .legs import PoolUnreachable, call_json
 from .plan import Plan, plan_request, straddles_stop
 from .responses import EventStreamResponse
-from .session import DecodeSession, colocated_body
+from .session import DecodeSession
 from .stitch import PrefillResult, as_stream, fix_decode_answer, merge_stitched, prefill_only_answer
 from .vocabulary import CHAT, ENDPOINTS, Mode
 

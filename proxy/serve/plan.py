@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import bad_request
-from ..wire.kv_params import prefill_params
 from .vocabulary import CHAT, COMPLETIONS
 
 # Completions' protocol default when max_tokens is absent or null (vLLM and OpenAI).
@@ -45,31 +44,6 @@ _POSITION_DEPENDENT = (
     "watermarking",
     "reasoning_effort",
     "suffix",
-)
-
-# Keys the prompt is built from: P uses them, the stitched decode leg must not.
-_PROMPT_KEYS = (
-    "prompt",
-    "messages",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "chat_template",
-    "chat_template_kwargs",
-    "add_generation_prompt",
-    "continue_final_message",
-    "documents",
-    "mm_processor_kwargs",
-    "media_io_kwargs",
-    "add_special_tokens",
-    "truncate_prompt_tokens",
-    "truncation_side",
-    "echo",
-    "response_format",
-    "include_reasoning",
-    "return_prompt_text",
-    "max_completion_tokens",
-    "top_logprobs",
 )
 
 
@@ -374,80 +348,6 @@ def _stitch_blockers(
         if _is_multimodal(body["messages"]):
             blockers.append("multimodal input")
     return blockers
-
-
-# --- the legs' bodies ---------------------------------------------------------------
-
-
-def prefill_body(plan: Plan, consumers: int) -> dict[str, Any]:
-    """P computes the prompt and one token, then holds the KV for D."""
-    body = dict(plan.body)
-    body.pop("stream_options", None)
-    body["stream"] = False
-    body["max_tokens"] = 1
-    if plan.kind == CHAT:
-        body["max_completion_tokens"] = 1
-    body["n"] = 1
-    body["min_tokens"] = min(plan.min_tokens, 1)
-    body["return_token_ids"] = True
-    body["kv_transfer_params"] = prefill_params(consumers)
-    return body
-
-
-def decode_body(plan: Plan, kv_params: dict[str, Any] | None) -> dict[str, Any]:
-    """D runs the client's own request on top of P's KV (decode mode)."""
-    body = dict(plan.body)
-    if kv_params is not None:
-        body["kv_transfer_params"] = kv_params
-    if plan.tracks_tokens:
-        body["return_token_ids"] = True  # the proxy tracks every token it forwards
-    if plan.stream:
-        # Usage is always asked for: the proxy needs it for accounting; it is dropped
-        # again if the client did not ask.
-        options = dict(body.get("stream_options") or {})
-        options["include_usage"] = True
-        body["stream_options"] = options
-    return body
-
-
-def continuation_body(
-    plan: Plan,
-    model: str,
-    prompt_token_ids: list[int],
-    sent: list[int],
-    kv_params: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """A leg that continues the answer after the tokens ``sent`` (P's token when
-    stitched; every token forwarded when the answer moves to another instance): a
-    token-id completion request, as many tokens shorter.
-
-    Without ``kv_params`` the instance computes the whole prompt itself; the answer
-    is the same, only slower.
-    """
-    body = {key: value for key, value in plan.body.items() if key not in _PROMPT_KEYS}
-    body["model"] = model
-    body["prompt"] = [*prompt_token_ids, *sent]
-    if plan.max_tokens is not None:
-        body["max_tokens"] = plan.max_tokens - len(sent)
-    else:
-        body.pop("max_tokens", None)
-    body["min_tokens"] = max(plan.min_tokens - len(sent), 0)
-    body["n"] = 1
-    body["return_token_ids"] = True
-    if kv_params is not None:
-        body["kv_transfer_params"] = kv_params
-    if plan.kind == CHAT:
-        body.pop("logprobs", None)
-    if plan.stream:
-        body["stream"] = True
-        body["stream_options"] = {
-            "include_usage": True,
-            "continuous_usage_stats": plan.continuous_usage,
-        }
-    else:
-        body["stream"] = False
-        body.pop("stream_options", None)
-    return body
 
 
 def straddles_stop(text_so_far: str, stop: list[str]) -> bool:

@@ -27,7 +27,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import anyio
 
@@ -45,11 +44,12 @@ from ..observe.metrics import (
 )
 from ..wire.kv_params import with_migration_key
 from ..wire.sse import DONE_EVENT
+from .bodies import continuation_body
 from .dispatch import Dispatcher
 from .held_kv import HeldKV
 from .legs import EventStream, LegError, call_json
 from .migration import Migration
-from .plan import Plan, continuation_body, straddles_stop
+from .plan import Plan, straddles_stop
 from .stitch import PrefillResult
 from .transcript import Transcript
 from .vocabulary import CHAT, COMPLETIONS, ENDPOINTS, Mode
@@ -412,15 +412,6 @@ class DecodeSession:
         self._occupied = None
         with anyio.CancelScope(shield=True):
             await self.stream.aclose()
-
-
-def colocated_body(plan: Plan, key: str) -> dict[str, Any]:
-    """One instance runs the client's request; the proxy still tracks its tokens."""
-    body = dict(plan.body)
-    if plan.tracks_tokens:
-        body["return_token_ids"] = True
-    body["kv_transfer_params"] = with_migration_key(body.get("kv_transfer_params"), key)
-    return body
 
 
 def _settle_abandoned(task: asyncio.Future[tuple[EventStream, Instance]]) -> None:

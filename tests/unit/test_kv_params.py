@@ -7,8 +7,9 @@ real prefill request through the connector, so a renamed key on either side fail
 from __future__ import annotations
 
 from engine_ext import params as connector_params
+from proxy.serve.bodies import prefill_body
 from proxy.serve.held_kv import HeldKV
-from proxy.serve.plan import plan_request, prefill_body
+from proxy.serve.plan import plan_request
 from proxy.serve.vocabulary import COMPLETIONS
 from proxy.wire.kv_params import release_target
 from tests.unit.connector.test_scheduler import make_scheduler, request

@@ -1,13 +1,8 @@
 import pytest
 
 from proxy.errors import ProxyError
-from proxy.serve.plan import (
-    continuation_body,
-    decode_body,
-    plan_request,
-    prefill_body,
-    straddles_stop,
-)
+from proxy.serve.bodies import continuation_body, decode_body, prefill_body
+from proxy.serve.plan import plan_request, straddles_stop
 from proxy.serve.vocabulary import CHAT, COMPLETIONS
 
 
