@@ -168,6 +168,9 @@ class DecodeSession:
             record.outcome, record.status = "client_gone", 499
             raise
         finally:
+            # A move asked for but not carried out (the answer ended first, the client
+            # left) is forgotten: the rebalancer waits for every stream it asked to move.
+            self._move, self.moving = None, False
             if self.stream is None:
                 # D never started: cancel its opening; P's KV is freed now.
                 opening.cancel()
