@@ -232,6 +232,14 @@ class Response:
         self._released = True
         if not self.complete:
             self._conn.close()
+        elif self._pieces:
+            # Whole but not all read (its reader left or moved on): drop the rest, and
+            # let the connection read again, or the next request on it never would.
+            self._pieces.clear()
+            self._buffered = 0
+            transport = self._conn.transport
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
         if self._on_done is not None:
             self._on_done(self)
 
