@@ -31,7 +31,9 @@ class Migration:
         self.source = source
         self.key = key
         self.settings = settings
-        self.armed = False
+        # The hold at the source: "none" (not asked), "asked" (asked, no answer: it may
+        # be armed), "armed" or "refused".
+        self.hold = "none"
         self.collected = False
         self.held: HeldKV | None = None
         self.kv_params: dict[str, Any] | None = None
@@ -53,6 +55,7 @@ class Migration:
             return False
         # Long enough for the destination to start its pull; freed as soon as it has.
         lease = self.settings.first_byte_timeout + self.settings.migration_timeout
+        self.hold = "asked"
         try:
             answer = await self._post(
                 "/pd/hold",
@@ -61,20 +64,32 @@ class Migration:
             )
         except ProxyError as exc:
             log.warning("could not arm a move at %s: %s", self.source.url, exc.message)
-            return False
-        self.armed = bool(answer.get("armed"))
-        return self.armed
+            return False  # "asked": the request may have reached it
+        self.hold = "armed" if answer.get("armed") else "refused"
+        return self.hold == "armed"
 
     async def collect(self) -> dict[str, Any] | None:
-        """After the source's stream was closed: the params that name its held KV."""
-        if not self.armed or self.collected:
+        """After the source's stream was closed: the params that name its held KV (None:
+        the move recomputes)."""
+        if self.hold == "asked":
+            # The arm went unanswered, so it may have taken: the move recomputes rather
+            # than wait, and whatever the source holds is freed in the background.
+            self.dispatcher.background(self.abandon())
+            return None
+        return await self._collect()
+
+    async def _collect(self) -> dict[str, Any] | None:
+        if self.hold not in ("armed", "asked") or self.collected:
             return self.kv_params
-        self.collected = True
         try:
             answer = await self._wait_for_outcome()
         except ProxyError as exc:
+            self.collected = True
             log.warning("no KV from %s for a move: %s", self.source.url, exc.message)
             return None
+        # Only an answer counts: a collect cut short (the client left) is asked again
+        # by ``abandon``, which must free what the source holds.
+        self.collected = True
         if answer.get("outcome") != "held" or not isinstance(
             answer.get("kv_transfer_params"), dict
         ):
@@ -118,7 +133,7 @@ class Migration:
         whatever the source holds for it now, collecting it first if need be, rather
         than at its lease's end."""
         try:
-            await self.collect()
+            await self._collect()
         finally:
             self.release()
 
