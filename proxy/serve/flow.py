@@ -229,11 +229,12 @@ class Gateway:
         self, plan: Plan, p: PrefillResult, p_inst: Instance
     ) -> tuple[Mode, str | None]:
         """After P: was its token the last one, and can D continue after it exactly?"""
-        if p.finish_reason != "length" or plan.max_tokens == 1:
-            return Mode.PREFILL, None
-        context = p_inst.max_model_len.get(p.raw.get("model") or "")
-        if context and p.prompt_tokens + 1 >= context:
-            return Mode.PREFILL, None  # a single server would stop here too ("length")
+        if plan.n == 1:  # P sampled one choice; n > 1 leaves the others to D (decode mode)
+            if p.finish_reason != "length" or plan.max_tokens == 1:
+                return Mode.PREFILL, None
+            context = p_inst.max_model_len.get(p.raw.get("model") or "")
+            if context and p.prompt_tokens + 1 >= context:
+                return Mode.PREFILL, None  # a single server would stop here too ("length")
         if not self.settings.stitch:
             return Mode.DECODE, "stitching disabled"
         if plan.kind == CHAT and not self.settings.stitch_chat:

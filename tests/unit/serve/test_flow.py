@@ -129,6 +129,21 @@ async def test_eos_from_prefill_ends_the_request():
         assert h.backends["d1"].calls == []
 
 
+@pytest.mark.parametrize("case", ["max_tokens=1", "P's token is EOS"])
+async def test_n_choices_are_never_answered_with_p_s_one(case):
+    # P samples one choice; the other n-1 are D's to sample (they need not end there).
+    async with harness() as h:
+        body = dict(COMPLETION, n=3, temperature=0.8)
+        if case == "max_tokens=1":
+            body["max_tokens"] = 1
+        else:
+            h.backends["p1"].eos_at = 11  # "hello world" is 11 prompt tokens
+        response = await h.client.post("/v1/completions", json=body)
+        assert response.status_code == 200
+        assert response.headers["x-pdproxy-mode"] == "decode"
+        assert [call["body"]["n"] for call in h.backends["d1"].calls] == [3]
+
+
 async def test_stop_string_inside_decode_text():
     async with harness() as h:
         stop_at = (
