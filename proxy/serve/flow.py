@@ -97,6 +97,8 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProxyError(400, f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # vLLM's server (FastAPI) answers such a body with 400
+        raise ProxyError(400, "request body is not valid JSON: nested too deeply") from exc
 
 
 class Gateway:

@@ -256,6 +256,27 @@ async def test_bad_json_is_400_before_any_backend():
         assert h.backends["p1"].calls == [] and h.backends["d1"].calls == []
 
 
+async def test_json_nested_too_deeply_is_400_before_any_backend():
+    async with harness() as h:
+        deep = b'{"model":"m","prompt":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        response = await h.client.post(
+            "/v1/completions", content=deep, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400 and response.json()["error"]["type"] == "BadRequestError"
+        assert h.backends["p1"].calls == [] and h.backends["d1"].calls == []
+
+
+async def test_a_lone_surrogate_reaches_the_backend_as_sent():
+    # Valid JSON that no UTF-8 encoder takes: passed on escaped, for vLLM to judge.
+    async with harness() as h:
+        body = b'{"model":"m","prompt":"hello \\ud800 world","max_tokens":4}'
+        response = await h.client.post(
+            "/v1/completions", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code < 500
+        assert h.backends["p1"].calls[0]["body"]["prompt"] == "hello \ud800 world"
+
+
 async def test_backend_4xx_reaches_the_client_unchanged():
     async with harness() as h:
         h.backends["p1"].fail_status = 404
