@@ -255,7 +255,6 @@ class Origin:
         self.host_header = parts.netloc.encode()
         self.prefix = parts.path.rstrip("/").encode()
         self.idle: list[_Connection] = []
-        self.open = 0
 
 
 class HTTPPool:
@@ -321,14 +320,13 @@ class HTTPPool:
                 # The backend closed an idle keep-alive connection just as it was reused:
                 # nothing reached it, so a fresh connection is safe.
                 conn.close()
-                origin.open -= 1
+                conn = None
                 conn = await self._connect(origin)
                 response, headers_done = conn.start(head + body)
                 await headers_done
         except BaseException:
             if conn is not None:
                 conn.close()
-                origin.open -= 1
             slots.release()
             raise
 
@@ -345,7 +343,6 @@ class HTTPPool:
                 origin.idle.append(conn)
             else:
                 conn.close()
-                origin.open -= 1
 
         response._on_done = give_back
         return response
@@ -355,7 +352,6 @@ class HTTPPool:
             conn = origin.idle.pop()
             if conn.reusable():
                 return conn, True
-            origin.open -= 1
         return await self._connect(origin), False
 
     async def _connect(self, origin: Origin) -> _Connection:
@@ -374,7 +370,6 @@ class HTTPPool:
             ) from exc
         except OSError as exc:
             raise ConnectError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from exc
-        origin.open += 1
         return conn
 
     def close(self) -> None:
