@@ -196,12 +196,10 @@ class Dispatcher:
     ) -> dict[str, Any]:
         """D's whole answer (non-streaming clients)."""
         path, body = self.decode_request(plan, p, mode)
-        loop = asyncio.get_running_loop()
 
         async def attempt(
             pool: Pool, inst: Instance, leg_headers: dict[str, str]
         ) -> tuple[dict[str, Any], Instance]:
-            timeout = max(deadline - loop.time(), 0.001)
             answer = await call_json(
                 self.registry.http,
                 inst,
@@ -209,7 +207,8 @@ class Dispatcher:
                 path,
                 self.on_pool(pool, body),
                 leg_headers,
-                timeout,
+                self.settings.request_timeout,
+                deadline,
             )
             return answer, inst
 

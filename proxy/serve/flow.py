@@ -285,13 +285,12 @@ class Gateway:
             return EventStreamResponse(
                 session.body(), headers=headers, background=BackgroundTask(session.cleanup)
             )
-        loop = asyncio.get_running_loop()
 
         async def attempt(pool, inst: Instance, leg_headers: dict[str, str]) -> dict[str, Any]:
-            timeout = max(deadline - loop.time(), 0.001)
             return await call_json(
-                self.registry.http, inst, DECODE, path, plan.body, leg_headers, timeout
-            )
+                self.registry.http, inst, DECODE, path, plan.body, leg_headers,
+                self.settings.request_timeout, deadline,
+            )  # fmt: skip
 
         answer = await until_disconnect(
             request,

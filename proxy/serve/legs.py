@@ -71,6 +71,10 @@ def _backend_error(leg: str, inst: Instance, status: int, raw: bytes) -> LegErro
     )
 
 
+def _too_long(leg: str, inst: Instance) -> LegError:
+    return LegError(504, f"{leg} backend {inst.url}: request took too long", leg=leg)
+
+
 def _transport_error(
     leg: str, inst: Instance, exc: Exception, timeout: float | None = None
 ) -> LegError:
@@ -103,14 +107,25 @@ async def call_json(
     body: dict[str, Any],
     headers: dict[str, str],
     timeout: float,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
-    """POST a JSON body and return the backend's JSON answer."""
+    """POST a JSON body and return the backend's JSON answer, within ``timeout`` and
+    the request's ``deadline`` (loop time). Running out of the deadline is the request's
+    end, not the instance's fault: that error is not retried elsewhere."""
+    by_deadline = False
+    if deadline is not None:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise _too_long(leg, inst)
+        by_deadline, timeout = left <= timeout, min(timeout, left)
     response: Response | None = None
     try:
         async with asyncio.timeout(timeout):
             response = await pool.request(inst.url, "POST", path, dumps(body), {**headers, **JSON})
             raw = await response.body()
     except (TimeoutError, HTTPError) as exc:
+        if by_deadline and isinstance(exc, TimeoutError):
+            raise _too_long(leg, inst) from exc
         raise _transport_error(leg, inst, exc, timeout) from exc
     finally:
         if response is not None:

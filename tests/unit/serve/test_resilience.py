@@ -249,3 +249,27 @@ async def test_ready_needs_a_canary_that_went_pd():
         assert not await monitor.run_canary()  # colocated fallback does not count as ready
         body = (await h.client.get("/ready")).json()
         assert body["ready"] is False and "no healthy decode instance" in body["problems"]
+
+
+async def test_a_whole_answer_that_outlasts_the_request_is_not_retried_elsewhere():
+    # The request's deadline, not the instance, ended the wait: another decode instance
+    # would get a request with no time left, and this one a failure it did not earn.
+    gate = asyncio.Event()
+    timeouts = {"request_timeout": 0.6, "prefill_timeout": 0.3, "first_byte_timeout": 0.3}
+    async with harness(decode=("d1", "d2"), **timeouts) as h:
+        for name in ("d1", "d2"):
+            backend = h.backends[name]
+
+            async def hang(request, backend=backend):
+                await gate.wait()
+                return backend.generation(request)
+
+            backend.override = hang
+        body = {"model": "m", "prompt": "hello world", "max_tokens": 5}
+        response = await h.client.post("/v1/completions", json=body)
+        gate.set()
+        assert response.status_code == 504
+        assert "request took too long" in response.json()["error"]["message"]
+        assert len(h.backends["d1"].calls) + len(h.backends["d2"].calls) == 1
+        registry = h.app.state.gateway.registry
+        assert all(inst.consecutive_failures == 0 for inst in registry.decode.instances)
