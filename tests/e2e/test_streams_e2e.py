@@ -101,7 +101,7 @@ def run_disturbed(proxy_url: str, requests, disturb, seen=None) -> list[dict[str
         return [f.result(timeout=300).comparable() for f in futures]
 
 
-TRIES = 2
+TRIES = 3
 
 
 def disturbed_in_time(scenario) -> None:
