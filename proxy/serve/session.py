@@ -104,7 +104,9 @@ class DecodeSession:
 
     def move(self, reason: str, target: Instance | None = None) -> bool:
         """Continue on another instance at the next token boundary (with the KV)."""
-        if not self._leg_open or self._move is not None or not self.can_continue():
+        if not self._leg_open or self.moving or self._move is not None:
+            return False  # moving already (the leg stays open until the move's arm is in)
+        if not self.can_continue():
             return False
         self._move = (reason, target)
         self.moving = True

@@ -99,3 +99,27 @@ def test_a_move_that_never_happened_does_not_stop_the_rebalancer(ending):
         await registry.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_stream_on_its_way_refuses_another_move():
+    # While a move arms the source (its leg still open, its ask already taken), a second
+    # ask would stay behind and move the new leg again at once.
+    async def scenario() -> None:
+        settings = Settings(prefill_urls=["http://p:1"], decode_urls=["http://d1:1", "http://d2:1"])
+        registry = Registry(settings)
+        d1, d2 = registry.decode.instances
+        plan = plan_request(
+            "completions", {"model": "m", "prompt": "hi", "max_tokens": 10, "stream": True}
+        )
+        session = DecodeSession(
+            Dispatcher(settings, registry), LiveStreams(), plan, None, None, Mode.COLOCATED,
+            RequestRecord("r1", "completions"), {}, float("inf"),
+        )  # fmt: skip
+        session.transcript.prompt_ids = [1, 2]
+        session._attach(ScriptedLeg(), d1)
+        assert session.move("drain")
+        session._move = None  # what _continue does first; the arm is now in flight
+        assert session.moving and not session.move("rebalance", d2)
+        await registry.aclose()
+
+    asyncio.run(scenario())
