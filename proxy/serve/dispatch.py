@@ -165,7 +165,13 @@ class Dispatcher:
         )
         record.trace.end_leg(PREFILL)
         record.prefill_end = time.perf_counter()
-        p = parse_prefill(plan.kind, raw, inst.url)
+        try:
+            p = parse_prefill(plan.kind, raw, inst.url)
+        except ProxyError:
+            # An answer the proxy cannot use: whatever KV P holds for it is freed now.
+            kv_params = raw.get("kv_transfer_params")
+            HeldKV(kv_params if isinstance(kv_params, dict) else None, self.post_release).release()
+            raise
         connectors.learn(inst, p.kv_params)  # where its KV holds are released and moved
         return p, inst, HeldKV(p.kv_params, self.post_release)
 

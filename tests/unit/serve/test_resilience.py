@@ -273,3 +273,20 @@ async def test_a_whole_answer_that_outlasts_the_request_is_not_retried_elsewhere
         assert len(h.backends["d1"].calls) + len(h.backends["d2"].calls) == 1
         registry = h.app.state.gateway.registry
         assert all(inst.consecutive_failures == 0 for inst in registry.decode.instances)
+
+
+async def test_a_prefill_answer_the_proxy_cannot_use_frees_its_kv():
+    async with harness() as h:
+        p1 = h.backends["p1"]
+
+        def without_token_ids(request):
+            answer = p1.generation(request).json()
+            del answer["choices"][0]["token_ids"]
+            return httpx.Response(200, json=answer)
+
+        p1.override = without_token_ids
+        response = await h.client.post("/v1/completions", json=COMPLETION)
+        assert response.status_code == 502
+        assert "unexpected answer" in response.json()["error"]["message"]
+        await asyncio.sleep(0.2)  # the release goes out in the background
+        assert len(h.releases) == 1  # not left to P's lease
