@@ -246,6 +246,10 @@ class PDScheduler:
         answer = None
         if normal:
             outcome: dict[str, Any] = {"outcome": "finished", "reason": str(request.status)}
+        elif rid in self._pulling:
+            # Its own pull still writes those blocks, and vLLM frees them when the pull
+            # reports: holding them too would report the request finished twice.
+            outcome = {"outcome": "not_held", "reason": "KV still loading"}
         elif tokens <= 0 or not block_ids:
             outcome = {"outcome": "not_held", "reason": "no KV computed yet"}
         else:

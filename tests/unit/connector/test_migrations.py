@@ -10,7 +10,7 @@ from vllm.v1.request import RequestStatus
 
 from engine_ext.migrations import MigrationTable
 
-from .test_scheduler import make_scheduler, request
+from .test_scheduler import blocks, make_scheduler, prefill, request, step
 
 
 def running(sched, rid="d1", key="k1", prompt_len=10):
@@ -96,3 +96,23 @@ def test_control_plane_arms_and_collects():
         assert held["outcome"] == "held" and held["kv_transfer_params"]["remote_num_tokens"] == 11
     finally:
         sched.shutdown()
+
+
+def test_a_request_aborted_while_its_own_kv_still_loads_is_not_held():
+    # Its blocks are the pull's until the pull reports (then vLLM frees them): holding
+    # them as well would report the request finished twice, which vLLM asserts against.
+    p = make_scheduler(engine_id="P")
+    params = prefill(p, "p1", prompt_len=10)
+    d = make_scheduler(engine_id="D")
+    req = request(
+        "d1", {**params, "migration_key": "k1"}, 10, status=RequestStatus.WAITING, computed=0
+    )
+    matched, _ = d.get_num_new_matched_tokens(req, 0)
+    d.update_state_after_alloc(req, blocks([40, 41, 42]), matched)
+    assert [pull.req_id for pull in step(d).pulls] == ["d1"]
+    req.status, req.num_computed_tokens = RequestStatus.WAITING_FOR_REMOTE_KVS, 10
+    assert d.arm_migration("k1", 30)
+    req.status = RequestStatus.FINISHED_ABORTED  # the proxy closed the stream
+    hold, _ = d.request_finished(req, [40, 41, 42])
+    assert not hold and step(d, tokens=0).sends == []
+    assert d.collect_migration("k1", 0) == {"outcome": "not_held", "reason": "KV still loading"}
