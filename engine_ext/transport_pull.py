@@ -174,7 +174,13 @@ class HostClient:
             # Drop (and retry) a connection whose handshake stalls, e.g. a frozen P.
             sock.setsockopt(zmq.HANDSHAKE_IVL, int(self.settings.connect_timeout_seconds * 1000))
             monitor = sock.get_monitor_socket(_UP_EVENTS | _DOWN_EVENTS)
-            sock.connect(endpoint)
+            try:
+                sock.connect(endpoint)
+            except zmq.ZMQError as exc:  # an address no socket takes (P's params say so)
+                sock.disable_monitor()
+                monitor.close(linger=0)
+                sock.close(linger=0)
+                raise RuntimeError(f"cannot connect to {endpoint}: {exc}") from exc
             peer = self._peers[endpoint] = _Peer(endpoint, sock, monitor)
             self._poller.register(sock, zmq.POLLIN)
             self._poller.register(monitor, zmq.POLLIN)
@@ -275,6 +281,8 @@ class HostClient:
             self._peer(endpoint).sock.send(dumps(header), zmq.NOBLOCK)
         except zmq.Again:
             logger.warning("PD client: %s not accepting messages (queue full)", endpoint)
+        except RuntimeError as exc:
+            logger.warning("PD client: notice not sent: %s", exc)
 
     def _start(self, spec: PullSpec) -> None:
         now = time.monotonic()
@@ -287,6 +295,7 @@ class HostClient:
             self._finish(job, ok=False, reason="malformed pull (block lists differ)")
             return
         try:
+            self._peer(endpoint)  # connected first: every live job has its peer
             self._set_path(job, self._choose(endpoint, spec.remote_layout))
         except RuntimeError as exc:
             self._finish(job, ok=False, reason=str(exc))

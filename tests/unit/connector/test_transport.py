@@ -409,6 +409,22 @@ def test_malformed_pull_fails_at_once(pair, settings):
     assert not result.ok and not result.cancelled and result.local_block_ids == (4, 5)
 
 
+def test_an_address_no_socket_takes_fails_its_pull_and_no_other(pair, settings):
+    # P's params are the decode request's (a client may send them): a host that ZeroMQ
+    # cannot connect to fails that pull at once; the pulls after it still run.
+    p, d = pair
+    p.registry.register(SendSpec("t1", "p-req", (1, 2), consumers=1))
+    bad = dataclasses.replace(
+        pull("t0", [1, 2], [3, 4], settings.zmq_port, key="d/bad"), host="a b"
+    )
+    d.client.notice(Notice("t9", "a b", settings.zmq_port, "d/n"))  # nobody to tell: ignored
+    d.client.submit(bad)
+    d.client.submit(pull("t1", [1, 2], [5, 6], settings.zmq_port, key="d/good", req="req-2"))
+    results = {r.req_id: r for r in wait_results(d.client, count=2, timeout=5)}
+    assert not results["req-1"].ok and "cannot connect" in results["req-1"].reason
+    assert results["req-2"].ok
+
+
 def test_notice_counts_a_consumer(pair, settings):
     p, d = pair
     p.registry.register(SendSpec("t1", "p-req", (1, 2), consumers=2))
