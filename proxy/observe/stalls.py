@@ -17,6 +17,7 @@ a tail is told apart from the backends' own.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import logging
 import time
@@ -73,22 +74,33 @@ class StallLog:
 
 
 class _GCTimer:
-    """``gc.callbacks`` hook: one histogram observation per collection."""
+    """``gc.callbacks`` hook: times each collection; :meth:`record` writes the pauses.
+
+    The hook itself only queues: a collection can start inside any allocation, also one
+    made while prometheus-client holds its lock (with several workers, one lock for every
+    value, not reentrant), and an observation from in there would wait on it for ever.
+    """
 
     def __init__(self) -> None:
         self.started = 0.0
         self.children = [GC_PAUSE.labels(str(generation)) for generation in range(3)]
         self.warn = StallLog()
+        self.pauses: collections.deque[tuple[int, float]] = collections.deque(maxlen=10_000)
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self.started = time.perf_counter()
             return
-        pause = time.perf_counter() - self.started
-        self.children[info["generation"]].observe(pause)
-        if pause >= SLOW_STALL:
-            self.warn(pause * 1000, "garbage collection of generation %d took %.1f ms",
-                      info["generation"], pause * 1000)  # fmt: skip
+        self.pauses.append((info["generation"], time.perf_counter() - self.started))
+
+    def record(self) -> None:
+        """The pauses queued since the last call, into the histogram (and the log)."""
+        while self.pauses:
+            generation, pause = self.pauses.popleft()
+            self.children[generation].observe(pause)
+            if pause >= SLOW_STALL:
+                self.warn(pause * 1000, "garbage collection of generation %d took %.1f ms",
+                          generation, pause * 1000)  # fmt: skip
 
 
 def freeze_startup_heap() -> None:
@@ -119,6 +131,7 @@ class StallProbes:
         if self._gc in gc.callbacks:
             gc.callbacks.remove(self._gc)
         await background.cancel(self._task)
+        self._gc.record()
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -128,6 +141,7 @@ class StallProbes:
             await asyncio.sleep(LAG_PERIOD)
             lag = max(loop.time() - due, 0.0)
             LOOP_LAG.observe(lag)
+            self._gc.record()
             if lag >= SLOW_STALL:
                 # The probe cannot tell a busy loop from a process the OS did not run
                 # (a proxy sharing its cores with busy engines): both delay every stream.

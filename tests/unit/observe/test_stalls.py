@@ -43,3 +43,32 @@ def test_stall_warnings_are_one_line_per_period_with_a_count(caplog):
         "loop woke 60.0 ms late",
         "loop woke 55.0 ms late (and 2 more since the last such line, the worst 900.0 ms)",
     ]
+
+
+async def test_the_gc_hook_writes_no_metric_while_the_collector_runs():
+    # A collection may start while prometheus-client holds its (multiprocess: global,
+    # not reentrant) lock; an observation from inside it would wait on that lock for ever.
+    collecting = False
+
+    def begins(phase: str, info: dict[str, int]) -> None:
+        nonlocal collecting
+        collecting = collecting or phase == "start"
+
+    def ends(phase: str, info: dict[str, int]) -> None:
+        nonlocal collecting
+        collecting = collecting and phase != "stop"
+
+    probes = StallProbes()
+    observed_inside: list[bool] = []
+    for child in probes._gc.children:
+        child.observe = lambda amount: observed_inside.append(collecting)  # type: ignore
+    gc.callbacks.insert(0, begins)  # the first hook at "start"
+    probes.start()
+    gc.callbacks.append(ends)  # the last hook at "stop"
+    try:
+        gc.collect()
+    finally:
+        await probes.stop()
+        gc.callbacks.remove(begins)
+        gc.callbacks.remove(ends)
+    assert observed_inside and not any(observed_inside)
