@@ -28,7 +28,7 @@ from ..observe.metrics import render
 from ..observe.stalls import StallProbes, freeze_startup_heap
 from ..observe.tracing import Tracing
 from ..serve.flow import Gateway, read_body
-from ..serve.vocabulary import CHAT, COMPLETIONS, ENDPOINTS, KIND_OF_PATH, Mode
+from ..serve.vocabulary import CANARY_SCOPE, CHAT, COMPLETIONS, ENDPOINTS, KIND_OF_PATH, Mode
 from ..settings import Settings
 from . import admin, status
 from .guard import Guard
@@ -118,8 +118,14 @@ def create_app(
         live = LiveStreams()
         gateway = Gateway(settings, registry, tracing, live)
         rebalancer = Rebalancer(settings, registry, live)
+
+        async def canary_app(scope: Scope, receive: Receive, send: Send) -> None:
+            # Past the guard (no client key, no concurrency slot), marked as the canary.
+            scope[CANARY_SCOPE] = True
+            await proxy_app._route(scope, receive, send)
+
         canary_client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=proxy_app), base_url="http://pdproxy"
+            transport=httpx.ASGITransport(app=canary_app), base_url="http://pdproxy"
         )
         health = HealthMonitor(settings, registry, lambda: _canary(canary_client, registry))
         membership = Membership(settings, registry)

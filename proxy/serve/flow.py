@@ -44,7 +44,7 @@ from .plan import Plan, plan_request, straddles_stop
 from .responses import EventStreamResponse
 from .session import DecodeSession
 from .stitch import PrefillResult, as_stream, fix_decode_answer, merge_stitched, prefill_only_answer
-from .vocabulary import CHAT, ENDPOINTS, Mode
+from .vocabulary import CANARY_SCOPE, CHAT, ENDPOINTS, Mode
 
 log = logging.getLogger("pdproxy")
 T = TypeVar("T")
@@ -128,16 +128,17 @@ class Gateway:
             recent=self.recent,
         )
         headers = {"x-request-id": request_id}
+        canary = request.scope.get(CANARY_SCOPE, False)  # checks P/D, not client policy
         try:
             # 1. Read and validate: a 400 before any backend is called.
             plan = plan_request(
                 kind,
                 await read_json(request, self.settings.max_body_bytes),
-                self.settings.max_tokens_limit,
+                0 if canary else self.settings.max_tokens_limit,
             )
             deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
             backend_headers = self._backend_headers(request, request_id)
-            colocated = self._colocated_reason(plan)
+            colocated = self._colocated_reason(plan, canary)
             if colocated:
                 return await self._colocated(
                     request, plan, record, headers, backend_headers, colocated, deadline
@@ -211,11 +212,11 @@ class Gateway:
             record.finish()
             return Response(status_code=499)
 
-    def _colocated_reason(self, plan: Plan) -> str | None:
+    def _colocated_reason(self, plan: Plan, canary: bool = False) -> str | None:
         """Why the request should not be split at all, if it should not (or 503s)."""
         if plan.colocated_reason:
             return plan.colocated_reason
-        if plan.estimated_tokens < self.settings.min_prefill_tokens:
+        if plan.estimated_tokens < self.settings.min_prefill_tokens and not canary:
             return "short prompt"
         if not self.registry.prefill.available():
             if self.settings.no_prefill_policy == PoolDownPolicy.fail:

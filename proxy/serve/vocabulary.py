@@ -13,6 +13,10 @@ CHAT = "chat"
 ENDPOINTS = {COMPLETIONS: "/v1/completions", CHAT: "/v1/chat/completions"}
 KIND_OF_PATH = {path: kind for kind, path in ENDPOINTS.items()}
 
+# Set in the ASGI scope of the readiness canary's own requests (they never come from the
+# network): it checks the P/D path, so the client-facing limits and policies do not apply.
+CANARY_SCOPE = "pdproxy.canary"
+
 
 class Mode(StrEnum):
     """How a generation request was served."""

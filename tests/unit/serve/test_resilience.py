@@ -4,6 +4,7 @@ import asyncio
 import json
 
 import httpx
+import pytest
 
 from proxy.fleet.backends import Instance, Registry
 from proxy.fleet.health import HealthMonitor, parse_load, record_failure
@@ -249,6 +250,29 @@ async def test_ready_needs_a_canary_that_went_pd():
         assert not await monitor.run_canary()  # colocated fallback does not count as ready
         body = (await h.client.get("/ready")).json()
         assert body["ready"] is False and "no healthy decode instance" in body["problems"]
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"api_keys": ["client-key"]},
+        {"max_concurrent_requests": 1},
+        {"min_prefill_tokens": 512},
+        {"max_tokens_limit": 1},
+    ],
+    ids=["api keys", "concurrency limit reached", "short prompts colocated", "max tokens 1"],
+)
+async def test_the_canary_checks_p_d_whatever_the_client_policy(policy):
+    # The canary is the proxy's own: a client key, a full concurrency limit or a policy
+    # for clients' requests must not keep /ready false (or flap it under load).
+    async with harness(**policy) as h:
+        guard = h.app._guarded
+        if "max_concurrent_requests" in policy:
+            guard.in_flight = 1  # a client request holds the only slot
+        monitor = h.app.state.monitor
+        assert await monitor.run_canary(), monitor.canary_error
+        headers = {"authorization": "Bearer client-key"}
+        assert (await h.client.get("/ready", headers=headers)).json() == {"ready": True}
 
 
 async def test_a_whole_answer_that_outlasts_the_request_is_not_retried_elsewhere():
