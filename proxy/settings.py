@@ -45,6 +45,10 @@ def check_base_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{url!r} is not an http(s) base URL")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError as exc:
+        raise ValueError(f"{url!r}: {exc}") from None
     if parts.path.rstrip("/").endswith("/v1"):
         raise ValueError(f"{url!r}: give the base URL without /v1")
     if parts.query or parts.fragment:

@@ -141,7 +141,13 @@ class HealthMonitor:
         over that many seconds (each instance is still checked once per round)."""
         instances = self.registry.all_instances()
         step = spread / len(instances) if instances else 0.0
-        await asyncio.gather(*(self.check(inst, i * step) for i, inst in enumerate(instances)))
+        results = await asyncio.gather(
+            *(self.check(inst, i * step) for i, inst in enumerate(instances)),
+            return_exceptions=True,
+        )
+        for inst, result in zip(instances, results):
+            if isinstance(result, Exception):  # one instance's failure stops no other check
+                log.error("health check of %s failed: %r", inst.url, result)
 
     async def check(self, inst: Instance, delay: float = 0.0) -> None:
         if delay:

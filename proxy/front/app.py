@@ -245,9 +245,12 @@ async def _passthrough(request: Request, path: str) -> Response:
         headers["authorization"] = request.headers["authorization"]
     url = inst.url + path + (f"?{request.url.query}" if request.url.query else "")
     timeout = httpx.Timeout(settings.connect_timeout, read=settings.idle_timeout)
-    upstream = pool.client.build_request(
-        request.method, url, content=body, headers=headers, timeout=timeout
-    )
+    try:
+        upstream = pool.client.build_request(
+            request.method, url, content=body, headers=headers, timeout=timeout
+        )
+    except httpx.InvalidURL as exc:  # e.g. a control character the client percent-encoded
+        raise ProxyError(400, f"invalid request path: {exc}") from exc
     try:
         response = await pool.client.send(upstream, stream=True)
     except httpx.HTTPError as exc:

@@ -35,6 +35,14 @@ def test_lists_from_commas(monkeypatch):
             "PDPROXY_PREFILL_URLS",
         ),
         (
+            {"PDPROXY_PREFILL_URLS": "http://a:1", "PDPROXY_DECODE_URLS": "http://c:80x"},
+            "PDPROXY_DECODE_URLS",
+        ),
+        (
+            {"PDPROXY_PREFILL_URLS": "http://a:70000", "PDPROXY_DECODE_URLS": "http://c:3"},
+            "PDPROXY_PREFILL_URLS",
+        ),
+        (
             {
                 "PDPROXY_PREFILL_URLS": "http://a:1",
                 "PDPROXY_DECODE_URLS": "http://c:3",

@@ -101,7 +101,8 @@ async def test_admin_api_adds_drains_and_removes():
         assert r.status_code == 200
         listing = (await h.client.get("/admin/instances", headers=auth)).json()
         assert [i["url"] for i in listing["decode"]] == [d2, "http://d3:9"]
-        bad = await h.client.post(
-            "/admin/instances", json={"role": "decode", "url": "ftp://x"}, headers=auth
-        )
-        assert bad.status_code == 400
+        for url in ("ftp://x", "http://d4:80x", "http://d4:70000"):
+            bad = await h.client.post(
+                "/admin/instances", json={"role": "decode", "url": url}, headers=auth
+            )
+            assert bad.status_code == 400, url

@@ -69,6 +69,13 @@ async def test_large_bodies_are_413_without_reading_them_whole():
         assert h.backends["p1"].calls == []
 
 
+async def test_a_pass_through_path_no_url_can_hold_is_a_400():
+    async with harness() as h:
+        response = await h.client.get("/v1/models%00x")  # decoded: a NUL in the path
+        assert response.status_code == 400
+        assert "invalid request path" in response.json()["error"]["message"]
+
+
 async def test_concurrency_limit_is_429_with_retry_after():
     async with harness(max_concurrent_requests=1) as h:
         gate = asyncio.Event()
