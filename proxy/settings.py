@@ -87,8 +87,7 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(
         default=None,
         description="Enables the admin API (/admin/instances: list, add, drain, remove "
-        "instances) for callers presenting this bearer key. Off when unset. Needs "
-        "PDPROXY_WORKERS=1: each worker keeps its own instance list.",
+        "instances) for callers presenting this bearer key. Off when unset.",
     )
     min_prefill_tokens: int = Field(
         default=0,
@@ -315,13 +314,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 "PDPROXY_REQUEST_TIMEOUT must be at least PDPROXY_PREFILL_TIMEOUT and "
                 "PDPROXY_FIRST_BYTE_TIMEOUT"
-            )
-        if self.admin_key and self.workers > 1:
-            # Each worker process keeps its own instances and streams: an admin call would
-            # add, remove or drain in whichever worker took its connection.
-            raise ValueError(
-                "PDPROXY_ADMIN_KEY needs PDPROXY_WORKERS=1 (the admin API changes one "
-                "worker's instance list; scale out with more proxy replicas instead)"
             )
         return self
 

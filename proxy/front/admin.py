@@ -100,9 +100,7 @@ async def drain_instance(request: Request) -> Response:
     role, url = await _target(request)
     body = await request.json()
     draining = bool(body.get("draining", True))
-    if not request.app.state.membership.drain(url, draining):
+    moving = request.app.state.membership.drain(url, draining)
+    if moving is None:
         raise ProxyError(404, f"{url} is not a known instance")
-    moving = 0
-    if draining and request.app.state.gateway.settings.migrate_on_drain:
-        moving = request.app.state.live.move_all(url, "drain")
     return JSONResponse({"url": url, "draining": draining, "moving_streams": moving})

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from ..errors import ProxyError, error_body
 from ..fleet.backends import Registry
 from ..fleet.health import HealthMonitor
+from ..fleet.journal import AdminJournal, shared_dir
 from ..fleet.live import LiveStreams
 from ..fleet.membership import Membership
 from ..fleet.rebalance import Rebalancer
@@ -128,7 +129,12 @@ def create_app(
             transport=httpx.ASGITransport(app=canary_app), base_url="http://pdproxy"
         )
         health = HealthMonitor(settings, registry, lambda: _canary(canary_client, registry))
-        membership = Membership(settings, registry)
+        directory = shared_dir()
+        membership = Membership(
+            settings, registry, journal=AdminJournal(directory) if directory else None
+        )
+        if settings.migrate_on_drain:
+            membership.on_drain = lambda url: live.move_all(url, "drain")
         app.state.registry, app.state.gateway, app.state.monitor = registry, gateway, health
         app.state.membership, app.state.live = membership, live
         if settings.discovery_interval:

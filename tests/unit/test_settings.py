@@ -39,15 +39,6 @@ def test_lists_from_commas(monkeypatch):
             "PDPROXY_DECODE_URLS",
         ),
         (
-            {
-                "PDPROXY_PREFILL_URLS": "http://a:1",
-                "PDPROXY_DECODE_URLS": "http://c:3",
-                "PDPROXY_ADMIN_KEY": "k",
-                "PDPROXY_WORKERS": "2",
-            },
-            "PDPROXY_ADMIN_KEY",
-        ),
-        (
             {"PDPROXY_PREFILL_URLS": "http://a:70000", "PDPROXY_DECODE_URLS": "http://c:3"},
             "PDPROXY_PREFILL_URLS",
         ),
