@@ -145,6 +145,14 @@ class Registry:
     def all_instances(self) -> list[Instance]:
         return list(self._by_url.values())
 
+    def context_length(self, model: str) -> int | None:
+        """The model's ``max_model_len``, from any instance's model list (every instance
+        serves the same model); None until a health check has read one."""
+        for inst in self._by_url.values():
+            if (length := inst.max_model_len.get(model)) is not None:
+                return length
+        return None
+
     async def aclose(self) -> None:
         self.http.close()
         await self.prefill.client.aclose()

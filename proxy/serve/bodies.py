@@ -76,13 +76,15 @@ def continuation_body(
     prompt_token_ids: list[int],
     sent: list[int],
     kv_params: dict[str, Any] | None,
+    context: int | None = None,
 ) -> dict[str, Any]:
     """A leg that continues the answer after the tokens ``sent`` (P's token when
     stitched; every token forwarded when the answer moves to another instance): a
     token-id completion request, as many tokens shorter.
 
     Without ``kv_params`` the instance computes the whole prompt itself; the answer
-    is the same, only slower.
+    is the same, only slower. ``context`` is the model's context length, needed when the
+    client set no limit.
     """
     body = {key: value for key, value in plan.body.items() if key not in _PROMPT_KEYS}
     body["model"] = model
@@ -90,7 +92,11 @@ def continuation_body(
     if plan.max_tokens is not None:
         body["max_tokens"] = plan.max_tokens - len(sent)
     else:
-        body.pop("max_tokens", None)
+        # A chat request with no limit runs to the end of the context, where a completions
+        # request with none would stop at 16 tokens: the limit is what the context has
+        # left after this leg's prompt, as the server computes it for the chat request.
+        assert context is not None, "an unbounded answer continues only where the context is known"
+        body["max_tokens"] = context - len(body["prompt"])
     body["min_tokens"] = max(plan.min_tokens - len(sent), 0)
     body["n"] = 1
     body["return_token_ids"] = True

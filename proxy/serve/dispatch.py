@@ -186,7 +186,12 @@ class Dispatcher:
         if mode == Mode.STITCHED:
             model = p.raw.get("model") or plan.body.get("model") or ""
             return ENDPOINTS[COMPLETIONS], continuation_body(
-                plan, model, p.prompt_token_ids, p.token_ids, kv_params
+                plan,
+                model,
+                p.prompt_token_ids,
+                p.token_ids,
+                kv_params,
+                self.registry.context_length(model),
             )
         return ENDPOINTS[plan.kind], decode_body(plan, kv_params)
 

@@ -246,6 +246,11 @@ class Gateway:
             return Mode.DECODE, plan.stitch_blockers[0]
         if plan.kind == CHAT and p.parsed_by_server:
             return Mode.DECODE, "server-side output parser"
+        if (
+            plan.max_tokens is None
+            and self.registry.context_length(p.raw.get("model") or "") is None
+        ):
+            return Mode.DECODE, "context length unknown"  # a continuation needs its limit
         if not p.text:
             return Mode.DECODE, "seam inside a character"
         if straddles_stop(p.text, plan.stop):

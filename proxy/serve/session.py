@@ -123,6 +123,10 @@ class DecodeSession:
             return False  # the servers' output parsers see only their own part
         if plan.max_tokens is not None and t.boundary >= plan.max_tokens:
             return False
+        if plan.max_tokens is None and (
+            self._context is None or len(t.prompt_ids) + t.boundary >= self._context
+        ):
+            return False  # no limit: the continuation needs the context's room left
         if plan.holds_back_text and t.ids:
             return False  # the text kept back for sent tokens would be lost with the leg
         return not straddles_stop(t.tail, plan.stop)
@@ -270,6 +274,11 @@ class DecodeSession:
         return next((inst for inst in others if inst is not self.inst), None)
 
     @property
+    def _context(self) -> int | None:
+        """The model's context length, if known (an answer with no limit needs it)."""
+        return self.dispatcher.registry.context_length(self._model or "")
+
+    @property
     def _model(self) -> str | None:
         """The model the answer names (P's, or D's in decode mode)."""
         return (self.p.raw.get("model") if self.p else None) or self.transcript.base.get("model")
@@ -326,6 +335,7 @@ class DecodeSession:
                 t.prompt_ids,
                 t.ids[:resumed_at],
                 with_migration_key(kv_params, self.leg_key()),
+                self._context,
             )
             ctx = RouteContext(tokens=self.plan.estimated_tokens, prefer=target and target.url)
             if source is not None:

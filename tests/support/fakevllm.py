@@ -46,6 +46,7 @@ class FakeVLLM:
     override: Any = None  # a handler that replaces generation (tests of odd backends)
     routes: dict[str, Any] = field(default_factory=dict)  # other paths -> handler
     releases: list[str] = field(default_factory=list)  # transfer ids released via /pd/release
+    max_model_len: int = 96  # the context: a chat answer with no limit fills it
 
     def handler(self, request: httpx.Request) -> Any:
         path = request.url.path
@@ -56,7 +57,8 @@ class FakeVLLM:
             return self.routes[path](request)
         if path == "/v1/models":
             return httpx.Response(
-                200, json={"object": "list", "data": [{"id": "m", "max_model_len": 4096}]}
+                200,
+                json={"object": "list", "data": [{"id": "m", "max_model_len": self.max_model_len}]},
             )
         if path == "/health":
             return httpx.Response(200)
@@ -101,8 +103,10 @@ class FakeVLLM:
             prompt = (
                 body["prompt"] if isinstance(body["prompt"], list) else tokenize(body["prompt"])
             )
-            limit = body.get("max_tokens", 16)
-        limit = 64 if limit is None else limit
+            limit = body.get("max_tokens") or 16  # vLLM's completions default
+        # As vLLM: no limit in chat is the rest of the context; any limit is cut to it.
+        room = self.max_model_len - len(prompt)
+        limit = room if limit is None else min(limit, room)
         tokens, texts, finish, stop_reason = self.generate(prompt, limit, body)
         request_id = request.headers.get("x-request-id", f"r{next(_ids)}")
         kv = None

@@ -144,6 +144,23 @@ async def test_n_choices_are_never_answered_with_p_s_one(case):
         assert [call["body"]["n"] for call in h.backends["d1"].calls] == [3]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_chat_with_no_limit_runs_to_the_end_of_the_context(stream):
+    # A completions leg's default is 16 tokens; a chat answer with no limit is not.
+    body = {k: v for k, v in CHAT.items() if k != "max_tokens"} | {"stream": stream}
+    async with harness() as h:
+        # Before any health check the context length is unknown: D runs the request as is.
+        response, s = await compare(h, "/v1/chat/completions", body)
+        assert response.headers["x-pdproxy-mode"] == "decode"
+        assert response.headers["x-pdproxy-fallback"] == "context length unknown"
+        await h.app.state.monitor.check_all()  # reads each instance's max_model_len
+        response, s = await compare(h, "/v1/chat/completions", body)
+        assert response.headers["x-pdproxy-mode"] == "stitched"
+        d_body = h.backends["d1"].calls[-1]["body"]
+        assert d_body["max_tokens"] == 96 - len(d_body["prompt"])  # the context left
+        assert len(s.texts[0].split()) > 17 and s.finish[0] == "length"
+
+
 async def test_stop_string_inside_decode_text():
     async with harness() as h:
         stop_at = (

@@ -169,8 +169,9 @@ def test_continuation_body_continues_after_the_tokens_sent():
         and "chat_template_kwargs" not in body
         and "max_completion_tokens" not in body
     )
-    unlimited = continuation_body(plan(kind=CHAT), "m", [1], [2], None)
-    assert "max_tokens" not in unlimited and "kv_transfer_params" not in unlimited
+    # No limit in chat: to the end of the context (a completions leg's default is 16).
+    unlimited = continuation_body(plan(kind=CHAT), "m", [1], [2], None, context=4096)
+    assert unlimited["max_tokens"] == 4094 and "kv_transfer_params" not in unlimited
 
 
 def test_straddles_stop():

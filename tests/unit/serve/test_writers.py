@@ -194,7 +194,9 @@ async def test_after_a_failure_another_instances_tokenizer_finds_where_to_restar
         raise ProxyError(503, "no decode instance available")
 
     s.dispatcher.registry = SimpleNamespace(
-        http=None, pool=lambda role: SimpleNamespace(available=lambda: [source, other])
+        http=None,
+        pool=lambda role: SimpleNamespace(available=lambda: [source, other]),
+        context_length=lambda model: 4096,
     )
     s.dispatcher.open_stream = open_stream
     s.dispatcher.background = lambda work: work.close()
