@@ -40,7 +40,7 @@ from .bodies import colocated_body
 from .disconnect import DisconnectWatch
 from .dispatch import Dispatcher
 from .legs import PoolUnreachable, call_json
-from .plan import Plan, plan_request, straddles_stop
+from .plan import Plan, check_output_room, plan_request, straddles_stop
 from .responses import EventStreamResponse
 from .session import DecodeSession
 from .stitch import PrefillResult, as_stream, fix_decode_answer, merge_stitched, prefill_only_answer
@@ -136,6 +136,7 @@ class Gateway:
                 await read_json(request, self.settings.max_body_bytes),
                 0 if canary else self.settings.max_tokens_limit,
             )
+            check_output_room(plan, self.registry.context_length(plan.body.get("model") or ""))
             deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
             backend_headers = self._backend_headers(request, request_id)
             colocated = self._colocated_reason(plan, canary)

@@ -350,6 +350,21 @@ def _stitch_blockers(
     return blockers
 
 
+def check_output_room(plan: Plan, context: int | None) -> None:
+    """vLLM's rule, checked here because P only ever sees ``max_tokens=1``: no more
+    output tokens than the model's context length (``context``, when known)."""
+    if context is None or plan.max_tokens is None or plan.max_tokens <= context:
+        return
+    param = "max_tokens"
+    if plan.kind == CHAT and plan.body.get("max_completion_tokens") is not None:
+        param = "max_completion_tokens"
+    raise bad_request(
+        f"{param}={plan.max_tokens} cannot be greater than max_model_len={context}. "
+        "Please request fewer output tokens.",
+        param,
+    )
+
+
 def straddles_stop(text_so_far: str, stop: list[str]) -> bool:
     """True when a stop string could begin inside ``text_so_far`` and end after it.
 

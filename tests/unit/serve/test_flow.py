@@ -161,6 +161,29 @@ async def test_chat_with_no_limit_runs_to_the_end_of_the_context(stream):
         assert len(s.texts[0].split()) > 17 and s.finish[0] == "length"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", dict(COMPLETION, max_tokens=97), "max_tokens"),
+        ("/v1/chat/completions", dict(CHAT, max_tokens=1000), "max_tokens"),
+        ("/v1/chat/completions", dict(CHAT, max_completion_tokens=97), "max_completion_tokens"),
+    ],
+)
+async def test_more_output_than_the_context_is_vllm_s_400(path, body, param, stream):
+    # P only ever sees max_tokens=1, so it cannot refuse this; a single vLLM does.
+    async with harness() as h:
+        await h.app.state.monitor.check_all()  # the context length: 96 tokens
+        response = await h.client.post(path, json=dict(body, stream=stream))
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert (
+            error["param"] == param
+            and "cannot be greater than max_model_len=96" in error["message"]
+        )
+        assert h.backends["p1"].calls == []
+
+
 async def test_stop_string_inside_decode_text():
     async with harness() as h:
         stop_at = (
