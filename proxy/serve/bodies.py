@@ -66,6 +66,9 @@ def decode_body(plan: Plan, kv_params: dict[str, Any] | None) -> dict[str, Any]:
         # again if the client did not ask.
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
+        # Usage on every chunk only as the client asked it (vLLM ignores
+        # continuous_usage_stats without include_usage, which is now forced on).
+        options["continuous_usage_stats"] = plan.continuous_usage
         body["stream_options"] = options
     return body
 

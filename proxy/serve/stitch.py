@@ -87,16 +87,27 @@ def parse_prefill(kind: str, raw: dict[str, Any], backend: str) -> PrefillResult
 
 
 def merged_usage(
-    p: PrefillResult, decode_usage: dict[str, Any] | None, extra_tokens: int
+    p: PrefillResult,
+    decode_usage: dict[str, Any] | None,
+    extra_tokens: int,
+    per_chunk: bool = False,
 ) -> dict[str, Any]:
     """The client's usage: P's real prompt and cache hits, P's token plus D's tokens.
 
     ``extra_tokens`` is how many output tokens D did not count itself (1 when stitched:
-    P's token; 0 in decode mode, where D regenerated it).
+    P's token; 0 in decode mode, where D regenerated it). ``per_chunk``: the usage a
+    streamed chunk carries (``continuous_usage_stats``), which vLLM gives as the three
+    counts only.
     """
     usage = dict(decode_usage or {})
     prompt = p.prompt_tokens
     completion = int(usage.get("completion_tokens", 0)) + extra_tokens
+    if per_chunk:
+        return {
+            "prompt_tokens": prompt,
+            "total_tokens": prompt + completion,
+            "completion_tokens": completion,
+        }
     usage["prompt_tokens"] = prompt
     usage["total_tokens"] = prompt + completion
     usage["completion_tokens"] = completion

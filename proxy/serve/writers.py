@@ -190,7 +190,7 @@ class CompletionStitcher(_Stitcher):
             if choice.get("finish_reason") is not None:
                 self.finish_reason = self.t.finish_reason = choice["finish_reason"]
         if chunk.get("usage") is not None:
-            chunk["usage"] = merged_usage(self.p, chunk["usage"], self.extra_tokens)
+            chunk["usage"] = merged_usage(self.p, chunk["usage"], self.extra_tokens, per_chunk=True)
             changed = True
         if not changed:
             if ids_present and not self.plan.return_token_ids:
@@ -349,7 +349,7 @@ class DecodeRelay(_Writer):
                 return None
             chunk["usage"] = self._usage_for_client()
         elif self.p is not None:
-            chunk["usage"] = merged_usage(self.p, chunk["usage"], self.extra_tokens)
+            chunk["usage"] = merged_usage(self.p, chunk["usage"], self.extra_tokens, per_chunk=True)
         out = dumps(chunk)
         return event(without_ids(out) if not self.plan.return_token_ids else out)
 

@@ -87,6 +87,24 @@ async def test_continuous_usage_counts_p_token_once():
         completion = [u["completion_tokens"] for u in usages if u]
         assert completion == [1, 2, 3, 4, 5, 6, 6]
         assert all(u["prompt_tokens"] == usages[0]["prompt_tokens"] for u in usages)
+        # A chunk's usage is the three counts, as vLLM's; the last has the details.
+        counts = {"prompt_tokens", "completion_tokens", "total_tokens"}
+        assert all(set(u) == counts for u in usages[:-1])
+        assert usages[-1]["prompt_tokens_details"] == {"cached_tokens": 7}  # P's cache hits
+
+
+@pytest.mark.parametrize(
+    "path, base", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)]
+)
+async def test_decode_mode_sends_usage_only_as_asked(path, base):
+    # continuous_usage_stats without include_usage: vLLM sends no usage at all.
+    async with harness(stitch=False) as h:
+        body = dict(base, stream=True, stream_options={"continuous_usage_stats": True})
+        response, _ = await compare(h, path, body)
+        assert response.headers["x-pdproxy-mode"] == "decode"
+        lines = response.text.splitlines()
+        chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert chunks and all(chunk.get("usage") is None for chunk in chunks)
 
 
 async def test_logprobs_offsets_continue_across_the_seam():
