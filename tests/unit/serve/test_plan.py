@@ -142,7 +142,7 @@ def test_decode_body_keeps_the_request_and_asks_for_usage():
     p = plan(stream=True, seed=5, vllm_custom_field=1)
     body = decode_body(p, {"transfer_id": "t"})
     assert body["kv_transfer_params"] == {"transfer_id": "t"}
-    assert body["stream_options"] == {"include_usage": True}
+    assert body["stream_options"] == {"include_usage": True, "continuous_usage_stats": False}
     assert body["vllm_custom_field"] == 1 and body["seed"] == 5
 
 
