@@ -86,6 +86,19 @@ class _Writer:
     def _usage_for_client(self) -> dict[str, Any]:
         return merged_usage(self.p, self.decode_usage, self.extra_tokens)
 
+    def _stamp(self, chunk: dict[str, Any]) -> bool:
+        """vLLM puts its ``system_fingerprint`` on a chunk that ends a choice when no usage
+        chunk follows; the leg was asked for usage, so its chunk lacks it. Whether added."""
+        if self.plan.include_usage or chunk.get("system_fingerprint") is not None:
+            return False
+        fingerprint = self.t.base.get("system_fingerprint")
+        if fingerprint is None and self.p is not None:
+            fingerprint = self.p.raw.get("system_fingerprint")
+        if fingerprint is None:
+            return False
+        chunk["system_fingerprint"] = fingerprint
+        return True
+
     def _take(self, ids: list[int] | None, text: str | None) -> _News | None:
         """Record a choice's tokens and text; what of them the client has not seen (None:
         the choice only repeats what it has)."""
@@ -189,6 +202,7 @@ class CompletionStitcher(_Stitcher):
                 changed = True
             if choice.get("finish_reason") is not None:
                 self.finish_reason = self.t.finish_reason = choice["finish_reason"]
+                changed = self._stamp(chunk) or changed
         if chunk.get("usage") is not None:
             chunk["usage"] = merged_usage(self.p, chunk["usage"], self.extra_tokens, per_chunk=True)
             changed = True
@@ -338,6 +352,9 @@ class DecodeRelay(_Writer):
             ids_present = ids_present or choice.get("prompt_token_ids") is not None
             if choice.get("finish_reason") is not None:
                 self.finish_reason = self.t.finish_reason = choice["finish_reason"]
+                if chunk.get("usage") is None and self._stamp(chunk):
+                    out = dumps(chunk)
+                    return event(without_ids(out) if not self.plan.return_token_ids else out)
         if chunk.get("usage") is None:
             # The common chunk: relayed byte for byte (less the ids the proxy asked for).
             if ids_present and not self.plan.return_token_ids:

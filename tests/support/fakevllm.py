@@ -273,6 +273,8 @@ class FakeVLLM:
                     "token_ids": [t] if want_ids else None,
                 }
             chunk = {**base, "choices": [choice]}
+            if last and not include_usage:  # as vLLM: the terminal chunk, if no usage follows
+                chunk["system_fingerprint"] = "fp"
             if continuous:
                 chunk["usage"] = {
                     "prompt_tokens": len(prompt),

@@ -107,6 +107,24 @@ async def test_decode_mode_sends_usage_only_as_asked(path, base):
         assert chunks and all(chunk.get("usage") is None for chunk in chunks)
 
 
+@pytest.mark.parametrize("stitch", [True, False], ids=["stitched", "decode mode"])
+@pytest.mark.parametrize(
+    "path, base", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)]
+)
+async def test_the_chunk_that_ends_the_answer_carries_the_fingerprint(path, base, stitch):
+    # Without a usage chunk, vLLM stamps system_fingerprint on the choice's last chunk.
+    async with harness(stitch=stitch) as h:
+        body = dict(base, stream=True)
+        got, want = await h.client.post(path, json=body), await h.reference(path, body)
+
+        def last_chunk(response: httpx.Response) -> dict:
+            lines = response.text.splitlines()
+            return [json.loads(line[6:]) for line in lines if line.startswith("data: {")][-1]
+
+        assert last_chunk(got)["choices"][0]["finish_reason"] == "length"
+        assert last_chunk(got).get("system_fingerprint") == last_chunk(want)["system_fingerprint"]
+
+
 async def test_logprobs_offsets_continue_across_the_seam():
     async with harness() as h:
         for stream in (False, True):
