@@ -10,7 +10,9 @@
   on the legs' HTTP client (httpx costs ~1-4 ms of CPU a request, a burst of them was
   the proxy's TTFT p99 tail), and spread over the interval instead of all at once.
 - Readiness: ``/ready`` is true only after a real P/D canary generation went through the
-  proxy's own request path and was served disaggregated.
+  proxy's own request path and was served disaggregated; later, while a whole pool is
+  down and its policy serves colocated, it stays true and says it is degraded (the
+  service answers: taking the proxies out would take it down).
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ class HealthMonitor:
         self.settings = settings
         self.registry = registry
         self.canary = canary
-        self.ready = False
+        self.ready = False  # the last canary passed
+        self.passed = False  # a canary has passed since the start (P/D proven once)
         self.last_canary: float = 0.0
         self.canary_error: str | None = None
         self._task: asyncio.Task[None] | None = None
@@ -215,4 +218,5 @@ class HealthMonitor:
                 "readiness is now %s%s", ok, f" ({self.canary_error})" if self.canary_error else ""
             )
         self.ready = ok
+        self.passed = self.passed or ok
         return ok

@@ -30,7 +30,7 @@ from ..observe.stalls import StallProbes, freeze_startup_heap
 from ..observe.tracing import Tracing
 from ..serve.flow import Gateway, read_body
 from ..serve.vocabulary import CANARY_SCOPE, CHAT, COMPLETIONS, ENDPOINTS, KIND_OF_PATH, Mode
-from ..settings import Settings
+from ..settings import PoolDownPolicy, Settings
 from . import admin, status
 from .guard import Guard
 from .openapi import CHAT_REQUEST, COMPLETION_REQUEST, request_body
@@ -186,16 +186,25 @@ def create_app(
     async def ready(request: Request) -> Response:
         monitor: HealthMonitor = request.app.state.monitor
         registry: Registry = request.app.state.registry
+        prefill, decode = bool(registry.prefill.available()), bool(registry.decode.available())
         problems = []
-        if not registry.prefill.available():
+        if not prefill:
             problems.append("no healthy prefill instance")
-        if not registry.decode.available():
+        if not decode:
             problems.append("no healthy decode instance")
         if not monitor.ready:
             problems.append(monitor.canary_error or "no P/D canary has passed yet")
-        if problems:
-            return JSONResponse({"ready": False, "problems": problems}, status_code=503)
-        return JSONResponse({"ready": True})
+        if not problems:
+            return JSONResponse({"ready": True})
+        colocated = PoolDownPolicy.colocated
+        # A pool down whose policy serves colocated: every request is still answered.
+        fallback = (prefill or decode) and (
+            (prefill or settings.no_prefill_policy == colocated)
+            and (decode or settings.no_decode_policy == colocated)
+        )
+        if monitor.passed and not (prefill and decode) and fallback:
+            return JSONResponse({"ready": True, "degraded": problems})
+        return JSONResponse({"ready": False, "problems": problems}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

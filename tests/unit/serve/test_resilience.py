@@ -27,9 +27,13 @@ def _text(response) -> str:
     return response.json()["choices"][0]["text"]
 
 
-def down(h, role):
+def down(h, role, healthy=False):
     for inst in h.app.state.registry.pool(role).instances:
-        inst.healthy = False
+        inst.healthy = healthy
+
+
+def up(h, role):
+    down(h, role, healthy=True)
 
 
 async def test_no_prefill_runs_colocated_on_a_decode_instance():
@@ -244,10 +248,35 @@ async def test_ready_needs_a_canary_that_went_pd():
     async with harness() as h:
         monitor = h.app.state.monitor
         assert (await h.client.get("/ready")).status_code == 503
-        assert await monitor.run_canary()  # through the proxy itself, against the fakes
-        assert (await h.client.get("/ready")).json() == {"ready": True}
         down(h, "decode")
         assert not await monitor.run_canary()  # colocated fallback does not count as ready
+        assert (await h.client.get("/ready")).status_code == 503  # P/D never proven
+        up(h, "decode")
+        assert await monitor.run_canary()  # through the proxy itself, against the fakes
+        assert (await h.client.get("/ready")).json() == {"ready": True}
+
+
+async def test_a_pool_down_that_falls_back_to_colocated_stays_ready_and_says_so():
+    # Readiness takes a proxy out of its Service: with a fallback still answering every
+    # request, taking every proxy out would take the service down instead.
+    async with harness() as h:
+        monitor = h.app.state.monitor
+        assert await monitor.run_canary()
+        down(h, "decode")
+        assert not await monitor.run_canary()
+        response = await h.client.get("/ready")
+        assert response.status_code == 200
+        assert "no healthy decode instance" in response.json()["degraded"]
+        down(h, "prefill")  # nothing left to serve with
+        assert (await h.client.get("/ready")).status_code == 503
+
+
+async def test_a_pool_down_whose_policy_fails_requests_is_not_ready():
+    async with harness(no_decode_policy="fail") as h:
+        monitor = h.app.state.monitor
+        assert await monitor.run_canary()
+        down(h, "decode")
+        assert not await monitor.run_canary()
         body = (await h.client.get("/ready")).json()
         assert body["ready"] is False and "no healthy decode instance" in body["problems"]
 
