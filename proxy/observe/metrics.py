@@ -131,9 +131,11 @@ PER_BACKEND_GAUGES = (HEALTHY, IN_FLIGHT)
 def forget_backend(url: str, role: str) -> None:
     """Drop ``url``'s per-backend gauge series for ``role`` (it left that pool).
 
-    Not in multiprocess mode: prometheus-client keeps those values in per-process files
-    and cannot remove a series there (it only warns)."""
+    In multiprocess mode prometheus-client keeps the values in per-process files and
+    cannot remove a series there (it only warns): the backend is marked unhealthy
+    instead, or its last 1 would count as a healthy instance for ever."""
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        HEALTHY.labels(url, role).set(0)
         return
     for gauge in PER_BACKEND_GAUGES:
         gauge.remove(url, role)

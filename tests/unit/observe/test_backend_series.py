@@ -1,5 +1,9 @@
 """A backend that leaves a pool takes its per-backend gauge series with it."""
 
+import subprocess
+import sys
+import textwrap
+
 from prometheus_client import REGISTRY
 
 from proxy.fleet.backends import DECODE, PREFILL, Occupied
@@ -40,3 +44,22 @@ async def test_only_the_role_it_left_is_forgotten():
         h.app.state.membership.remove(PREFILL, url)
         assert series("pdproxy_backend_healthy", url, PREFILL) is None
         assert series("pdproxy_backend_healthy", url, DECODE) == 1
+
+
+def test_with_several_workers_a_removed_backend_stops_counting_as_healthy(tmp_path):
+    # prometheus-client cannot remove a series from its per-process files: a backend that
+    # left must not stay "healthy" there (an alert on max(healthy) would never fire).
+    script = textwrap.dedent(
+        """
+        from proxy.observe.metrics import HEALTHY, forget_backend, render
+        HEALTHY.labels("http://gone:1", "decode").set(1)
+        forget_backend("http://gone:1", "decode")
+        print(render().decode())
+        """
+    )
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    line = 'pdproxy_backend_healthy{backend="http://gone:1",role="decode"}'
+    assert f"{line} 0.0" in out, out
