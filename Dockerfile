@@ -5,7 +5,7 @@
 #   docker build --target engine -t pdproxy-engine:0.1.0 .   # vLLM plus the PDConnector plug-in
 # `docker build .` alone builds the proxy (the last stage).
 #
-# tests/unit/test_dockerfile.py runs the proxy stages' COPY and RUN steps in a fresh venv,
+# tests/unit/deploy/test_dockerfile.py runs the proxy stages' COPY and RUN steps in a fresh venv,
 # and lints this file with hadolint: keep the RUN steps plain `python -m pip ...` lines.
 
 ARG PYTHON_IMAGE=python:3.11-slim

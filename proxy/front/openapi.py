@@ -2,7 +2,7 @@
 
 They describe the fields the proxy itself reads (and answers 400 for); every other field
 passes through to vLLM untouched, so ``additionalProperties`` is open. The schema is what
-``tests/unit/test_schema_fuzz.py`` fuzzes with schemathesis.
+``tests/unit/front/test_schema_fuzz.py`` fuzzes with schemathesis.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The dashboard's and the alerts' engine-side metric names on a real vLLM server.
 
-The unit tests (tests/unit/test_ops_config.py) check ``pdproxy_*`` and ``pd_connector_*``
+The unit tests (tests/unit/deploy/test_ops_config.py) check ``pdproxy_*`` and ``pd_connector_*``
 names against the proxy and the connector's control server; the ``vllm:*`` names can only
 come from vLLM itself. One scrape of a server of the shared cluster (already running for
 the other end-to-end tests): its HTTP ``/metrics`` for vLLM's names and its connector's

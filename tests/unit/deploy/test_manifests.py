@@ -382,6 +382,8 @@ def test_proxies_are_non_root_and_probe_ready_and_health(shape, monkeypatch):
         assert not settings.protect_ops_endpoints, f"{where(workload)}: probes cannot pass a key"
         # readOnlyRootFilesystem: the prometheus multiprocess dir of PDPROXY_WORKERS > 1 is in /tmp.
         assert any(m["mountPath"] == "/tmp" for m in c.get("volumeMounts", [])), where(workload)
+        # Kubernetes would inject PDPROXY_PORT=tcp://... for a Service named pdproxy.
+        assert template["spec"].get("enableServiceLinks") is False, where(workload)
 
 
 def proxy_env(docs: list[dict], container: dict) -> dict[str, str | None]:
