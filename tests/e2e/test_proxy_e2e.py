@@ -141,6 +141,30 @@ def test_chat_features(cluster, proxy, extra):
         assert_same(cluster.ref.url, proxy.url, "/v1/chat/completions", body)
 
 
+def test_chat_with_no_limit_runs_to_the_end_of_the_context(cluster, proxy):
+    """No max_tokens in chat: the answer runs to the end of the context, as on a single
+    server (a stitched continuation is a completions request, whose default is 16)."""
+    modes = set()
+    for seed in range(len(PROMPTS)):
+        # A long prompt: the context (2,048 tokens) leaves about 200 to generate.
+        prompt = PROMPTS[seed]
+        while _tokens(cluster.ref.url, prompt) < 1800:
+            prompt += " " + PROMPTS[-1]
+        prompt = prompt[: len(prompt) * 1800 // _tokens(cluster.ref.url, prompt)]
+        for stream in (False, True):
+            body = {k: v for k, v in chat(prompt, stream=stream).items() if k != "max_tokens"}
+            headers = assert_same(cluster.ref.url, proxy.url, "/v1/chat/completions", body)
+            modes.add(headers["x-pdproxy-mode"])
+        if "stitched" in modes:
+            break
+    assert "stitched" in modes, modes
+
+
+def _tokens(ref_url: str, prompt: str) -> int:
+    answer = httpx.post(ref_url + "/tokenize", json={"model": "tiny", "prompt": prompt}, timeout=30)
+    return int(answer.json()["count"])
+
+
 def _clean_seam_prompt(ref_url: str) -> tuple[str, str, str]:
     """A prompt whose first output token has text (so the answer is stitched), with its
     first token's text and the whole greedy output."""
