@@ -118,24 +118,26 @@ class Membership:
             urls = set(state["draining"]) - {url}
             state["draining"] = sorted(urls | {url} if draining else urls)
 
-        self._change(change)
+        self._change(change, asked=url)
         return self.on_drain(url) if draining and self.on_drain else 0
 
-    def _change(self, change: Callable[[State], None]) -> None:
+    def _change(self, change: Callable[[State], None], asked: str | None = None) -> None:
         if self.journal is None:
             state = copy.deepcopy(self.admin)
             change(state)
         else:
-            state = self.journal.update(change)
-        self.admin = state
-        self.apply()
+            state = self.journal.update(change)  # with whatever the others changed since
+        self._adopt(state, asked)
 
     def follow(self) -> None:
-        """Adopt what another worker changed; its newly drained instances' streams here
-        are asked to move too."""
-        if self.journal is None or (state := self.journal.changed()) is None:
-            return
-        newly = set(state["draining"]) - set(self.admin["draining"])
+        """Adopt what another worker changed."""
+        if self.journal is not None and (state := self.journal.changed()) is not None:
+            self._adopt(state)
+
+    def _adopt(self, state: State, asked: str | None = None) -> None:
+        """Take ``state`` as the admin state; the streams here on instances that start
+        draining with it are asked to move (but ``asked``'s: its caller does that)."""
+        newly = set(state["draining"]) - set(self.admin["draining"]) - {asked}
         self.admin = state
         self.apply()
         for url in sorted(newly):

@@ -99,3 +99,14 @@ def test_two_workers_list_what_either_was_told():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+async def test_a_worker_that_changes_the_state_also_takes_the_others_changes(tmp_path):
+    # b drains D1, then a adds D2 before its next look: a's change is made on b's state,
+    # and a still moves its streams off D1.
+    (a, ra, moved_a), (b, rb, _) = worker(tmp_path), worker(tmp_path)
+    b.drain(D1)
+    a.add(DECODE, D2)
+    assert moved_a == [D1] and [i.draining for i in ra.decode.instances] == [True, False]
+    for registry in (ra, rb):
+        await registry.aclose()
