@@ -344,6 +344,7 @@ class DecodeRelay(_Writer):
             if isinstance(ids, list):
                 self.t.prompt_ids = ids
         ids_present = chunk.get("prompt_token_ids") is not None
+        stamped = False
         for choice in chunk.get("choices") or ():
             text = (choice.get("delta") or {}).get("content") if self.plan.kind == CHAT else None
             if self._take(choice.get("token_ids"), choice.get("text") or text) is None:
@@ -352,15 +353,14 @@ class DecodeRelay(_Writer):
             ids_present = ids_present or choice.get("prompt_token_ids") is not None
             if choice.get("finish_reason") is not None:
                 self.finish_reason = self.t.finish_reason = choice["finish_reason"]
-                if chunk.get("usage") is None and self._stamp(chunk):
-                    out = dumps(chunk)
-                    return event(without_ids(out) if not self.plan.return_token_ids else out)
+                stamped = (chunk.get("usage") is None and self._stamp(chunk)) or stamped
         if chunk.get("usage") is None:
-            # The common chunk: relayed byte for byte (less the ids the proxy asked for).
-            if ids_present and not self.plan.return_token_ids:
-                return event(without_ids(data))
-            return event(data)
-        if _is_usage_chunk(chunk):
+            if not stamped:
+                # The common chunk: relayed byte for byte (less the ids the proxy asked for).
+                if ids_present and not self.plan.return_token_ids:
+                    return event(without_ids(data))
+                return event(data)
+        elif _is_usage_chunk(chunk):
             self.decode_usage = chunk["usage"]
             if not self.plan.include_usage:
                 return None
