@@ -147,7 +147,7 @@ class Gateway:
 
             # 2. Prefill: P computes the prompt and one token, and holds the KV.
             try:
-                p, p_inst, held = await until_disconnect(
+                p, _, held = await until_disconnect(
                     request, self.dispatch.prefill(plan, record, backend_headers)
                 )
             except PoolUnreachable as gone:
@@ -162,7 +162,7 @@ class Gateway:
                 )
 
             # 3. Mode: was P's token the last one; can D continue exactly after it?
-            mode, reason = self._choose_mode(plan, p, p_inst)
+            mode, reason = self._choose_mode(plan, p)
             record.mode = headers["x-pdproxy-mode"] = mode
             if reason:
                 record.fallback = headers["x-pdproxy-fallback"] = reason
@@ -229,14 +229,12 @@ class Gateway:
             return "no decode instance"
         return None
 
-    def _choose_mode(
-        self, plan: Plan, p: PrefillResult, p_inst: Instance
-    ) -> tuple[Mode, str | None]:
+    def _choose_mode(self, plan: Plan, p: PrefillResult) -> tuple[Mode, str | None]:
         """After P: was its token the last one, and can D continue after it exactly?"""
+        context = self.registry.context_length(p.raw.get("model") or "")
         if plan.n == 1:  # P sampled one choice; n > 1 leaves the others to D (decode mode)
             if p.finish_reason != "length" or plan.max_tokens == 1:
                 return Mode.PREFILL, None
-            context = p_inst.max_model_len.get(p.raw.get("model") or "")
             if context and p.prompt_tokens + 1 >= context:
                 return Mode.PREFILL, None  # a single server would stop here too ("length")
         if not self.settings.stitch:
@@ -247,10 +245,7 @@ class Gateway:
             return Mode.DECODE, plan.stitch_blockers[0]
         if plan.kind == CHAT and p.parsed_by_server:
             return Mode.DECODE, "server-side output parser"
-        if (
-            plan.max_tokens is None
-            and self.registry.context_length(p.raw.get("model") or "") is None
-        ):
+        if plan.max_tokens is None and context is None:
             return Mode.DECODE, "context length unknown"  # a continuation needs its limit
         if not p.text:
             return Mode.DECODE, "seam inside a character"

@@ -320,7 +320,6 @@ class HTTPPool:
                 # The backend closed an idle keep-alive connection just as it was reused:
                 # nothing reached it, so a fresh connection is safe.
                 conn.close()
-                conn = None
                 conn = await self._connect(origin)
                 response, headers_done = conn.start(head + body)
                 await headers_done
